@@ -1,0 +1,526 @@
+"""Typed configuration: nested dataclasses, one docstring per field, loaded from YAML with
+``--set dotted.key=value`` overrides, validated with errors that name the key.
+
+This module imports no model code, so reading or checking a config is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from selm.io import InputError, atomic_write_text
+
+
+class ConfigError(InputError):
+    """A config problem; the message starts with the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"
+    """Start model: a local Hugging Face folder, a hub id already in the local cache (runs are offline),
+    or "tiny" for the built-in sub-1M-parameter Llama used by tests and configs/tiny.yaml."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside name_or_path (or an absolute path) to load and convert once to safetensors."""
+    tokenizer: Optional[str] = None
+    """Tokenizer folder if it differs from name_or_path."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype in which weights are loaded and saved."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder. Off unless you trust that folder."""
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path: must not be empty")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""
+    """Prompt set: a .jsonl or .parquet file, or a `datasets` folder (save_to_disk). Each row has a
+    `prompt` (string or list of chat messages); UltraFeedback-binarized rows are accepted as they are."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt. A `messages`/`chosen` message list is used when this column is absent."""
+    eval_prompts: Optional[str] = None
+    """Separate held-out prompt file; when unset, `eval_size` prompts are held out from `prompts`."""
+    eval_size: int = 0
+    """Number of prompts held out for evaluation when `eval_prompts` is unset."""
+    max_prompts: Optional[int] = None
+    """Use at most this many training prompts (after holding out evaluation prompts)."""
+    slices: Literal["disjoint", "all"] = "disjoint"
+    """"disjoint": split the training prompts into one slice per iteration (the paper); "all": every
+    iteration uses every training prompt."""
+    shuffle: bool = True
+    """Shuffle prompts (with the run's seed) before splitting."""
+
+    def __post_init__(self):
+        if self.eval_size < 0:
+            raise ConfigError("data.eval_size: must be >= 0")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError("data.max_prompts: must be >= 1")
+
+
+@dataclass
+class GenerateConfig:
+    backend: Literal["hf"] = "hf"
+    """Generation engine. "hf": Hugging Face transformers (CPU or one GPU)."""
+    num_samples: int = 2
+    """k sampled responses per prompt (candidates for ranking)."""
+    temperature: float = 0.7
+    """Sampling temperature for the k samples (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold for the k samples."""
+    max_new_tokens: int = 256
+    """Longest response, in tokens."""
+    exploration: Literal["greedy", "sample"] = "greedy"
+    """How the exploration response y0 is drawn from the iteration's start model: "greedy" (the
+    authors) or one extra sample at `temperature`."""
+    exploration_as_candidate: bool = True
+    """Also rank y0 as a candidate (the authors rank the greedy response with the dataset's pair)."""
+    use_dataset_pair: bool = True
+    """When a prompt row carries its own chosen/rejected responses, add them to the candidates."""
+    batch_size: int = 16
+    """Prompts per generation batch (prompts are grouped by length)."""
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ConfigError("generate.num_samples: must be >= 0")
+        if self.num_samples > 0 and self.temperature <= 0:
+            raise ConfigError("generate.temperature: must be > 0 when generate.num_samples > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("generate.top_p: must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ConfigError("generate.max_new_tokens: must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("generate.batch_size: must be >= 1")
+
+
+@dataclass
+class RankConfig:
+    kind: Literal["callable", "reward_model", "pairwise", "http_judge"] = "callable"
+    """Ranker type: a Python function ("callable"), a sequence-classification reward model, a pairwise
+    preference function aggregated to a ranking, or an LLM judge behind an OpenAI-compatible endpoint."""
+    callable: Optional[str] = None
+    """For "callable": "module:function" with function(prompt, responses) -> list of floats.
+    For "pairwise": "module:function" with function(prompt, a, b) -> P(a beats b)."""
+    model: Optional[str] = None
+    """For "reward_model": the reward model folder (its own tokenizer and chat template are used)."""
+    batch_size: int = 8
+    """Responses scored per forward pass (reward model)."""
+    max_length: int = 1024
+    """Longest (prompt + response) the reward model sees, in its own tokens."""
+    url: Optional[str] = None
+    """For "http_judge": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    judge_model: Optional[str] = None
+    """For "http_judge": the model name sent to the endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the API key (the key itself is never stored)."""
+    timeout_s: float = 60.0
+    """Per-request timeout for the HTTP judge."""
+    max_retries: int = 3
+    """Retries (with backoff) for a failing HTTP request."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """A ranker error or a non-finite score: "fail" stops the stage with the error; "skip" drops that
+    prompt and counts it."""
+    trust_remote_code: bool = False
+    """Allow model code from the reward model folder."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("rank.batch_size: must be >= 1")
+        if self.max_retries < 0:
+            raise ConfigError("rank.max_retries: must be >= 0")
+
+
+@dataclass
+class PairConfig:
+    min_margin: float = 0.0
+    """Keep a pair only if score(best) - score(worst) > min_margin; the rest are ties, dropped and
+    counted."""
+
+
+@dataclass
+class TrainConfig:
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """Pairwise preference loss: "sigmoid" (DPO, Bradley-Terry; the paper) or "ipo"."""
+    explore: Literal["selm", "xpo"] = "selm"
+    """Exploration term: "selm" = alpha*beta*(logp(y0) - logp_ref(y0)) (paper Eq. 4.2) or
+    "xpo" = alpha*logp(y0) (Xie et al. 2024)."""
+    alpha: float = 1e-3
+    """Optimism coefficient; 0 gives (iterative) DPO. The authors use 1e-3 (Zephyr, Phi-3) or 1e-4."""
+    beta: float = 0.01
+    """KL strength of the implicit reward. The authors use 0.01."""
+    learning_rate: float = 5e-7
+    """Peak learning rate (the authors: 5e-7 at iteration 1). See loop.learning_rates for a per-iteration
+    schedule."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    epochs: int = 1
+    """Passes over the iteration's pairs."""
+    batch_size: int = 8
+    """Pairs per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised so that 4x2 equals 1x8."""
+    max_length: int = 1024
+    """Longest prompt + response, in tokens; responses are cut at the end to fit."""
+    max_prompt_length: int = 512
+    """Longest prompt, in tokens; longer prompts lose their START (the most recent turn is kept)."""
+    bf16: bool = False
+    """Run forward passes under bfloat16 autocast (weights and optimizer stay in the loaded dtype)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    ref_batch_size: int = 16
+    """Pairs per no-grad batch when precomputing reference log-probs."""
+    save_every_steps: int = 0
+    """Save a resumable training checkpoint every N optimizer steps (0: only at the end)."""
+    logging_steps: int = 1
+    """Write metrics every N optimizer steps."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events (if tensorboard is installed)."""
+    num_threads: Optional[int] = 1
+    """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
+    VM for small models (see README)."""
+
+    def __post_init__(self):
+        if self.alpha < 0:
+            raise ConfigError("train.alpha: must be >= 0")
+        if self.beta <= 0:
+            raise ConfigError("train.beta: must be > 0")
+        if self.learning_rate <= 0:
+            raise ConfigError("train.learning_rate: must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("train.warmup_ratio: must be in [0, 1)")
+        for name in ("epochs", "batch_size", "grad_accum", "ref_batch_size", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1")
+        if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
+            raise ConfigError("train.max_length: must be greater than train.max_prompt_length (>= 1)")
+        if self.max_grad_norm < 0:
+            raise ConfigError("train.max_grad_norm: must be >= 0")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError("train.num_threads: must be >= 1 or null")
+
+
+@dataclass
+class LoopConfig:
+    iterations: int = 3
+    """Number of online iterations T."""
+    learning_rates: Optional[list[float]] = None
+    """Per-iteration peak learning rates (length = iterations), e.g. the authors' decay
+    [5e-7, 3e-7, 1e-7]. Unset: train.learning_rate every iteration."""
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise ConfigError("loop.iterations: must be >= 1")
+        if self.learning_rates is not None:
+            if len(self.learning_rates) != self.iterations:
+                raise ConfigError(
+                    f"loop.learning_rates: has {len(self.learning_rates)} values, loop.iterations is {self.iterations}"
+                )
+            if any(lr <= 0 for lr in self.learning_rates):
+                raise ConfigError("loop.learning_rates: every value must be > 0")
+
+
+@dataclass
+class EvaluateConfig:
+    enabled: bool = True
+    """Evaluate each iteration's model on the held-out prompts."""
+    judge: RankConfig = field(default_factory=RankConfig)
+    """The GOLD judge, configured separately from the training ranker (same keys as `rank`)."""
+    max_new_tokens: int = 256
+    """Longest evaluation response, in tokens."""
+    temperature: float = 0.0
+    """0: greedy evaluation responses; > 0: one sample per prompt."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
+
+    def __post_init__(self):
+        if self.bootstrap_samples < 1:
+            raise ConfigError("evaluate.bootstrap_samples: must be >= 1")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seed for prompt shuffling, sampling and training."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The start model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and splits."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Sampling of candidates and of the exploration response."""
+    rank: RankConfig = field(default_factory=RankConfig)
+    """The training ranker."""
+    pair: PairConfig = field(default_factory=PairConfig)
+    """Turning ranked candidates into preference pairs."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training stage."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """The online loop."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluation with a gold judge."""
+
+    def lr_for_iteration(self, t: int) -> float:
+        """Peak learning rate of iteration t (1-based)."""
+        if self.loop.learning_rates:
+            return self.loop.learning_rates[t - 1]
+        return self.train.learning_rate
+
+
+# ---------------------------------------------------------------------------------------------
+# Field docs, building from dicts, overrides, and saving.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from the source, as litgpt does)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(src).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return "|".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently coerce) a YAML value against a field's type; errors name the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "5e-7" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # __post_init__ names its own section ("rank.x"); a RankConfig nested as evaluate.judge
+        # must report "evaluate.judge.x" instead.
+        msg = str(e)
+        if prefix and not msg.startswith(prefix + "."):
+            msg = prefix + "." + msg.split(".", 1)[-1]
+        raise ConfigError(msg) from None
+
+
+def config_from_dict(data: dict) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    cfg = _build(Config, data)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
+        if rc.kind in ("callable", "pairwise") and not rc.callable:
+            if name == "evaluate.judge" and not cfg.evaluate.enabled:
+                continue
+            raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
+        if rc.kind == "reward_model" and not rc.model:
+            raise ConfigError(f"{name}.model: required when {name}.kind is 'reward_model'")
+        if rc.kind == "http_judge" and not (rc.url and rc.judge_model):
+            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is 'http_judge'")
+    if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
+        raise ConfigError("generate.num_samples: no candidates to rank (0 samples, y0 not a candidate, no dataset pair)")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Paths in a config file are relative to the file, so a config works from any directory."""
+
+    def fix(section: str, key: str) -> None:
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
+            p = Path(os.path.expanduser(sec[key]))
+            if not p.is_absolute() and (base / p).exists():
+                sec[key] = str((base / p).resolve())
+
+    fix("data", "prompts")
+    fix("data", "eval_prompts")
+    fix("model", "name_or_path")
+    fix("rank", "model")
+    ev = data.get("evaluate")
+    if isinstance(ev, dict) and isinstance(ev.get("judge"), dict):
+        j = ev["judge"]
+        if isinstance(j.get("model"), str):
+            p = Path(j["model"])
+            if not p.is_absolute() and (base / p).exists():
+                j["model"] = str((base / p).resolve())
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        data = resolve_relative_paths(load_yaml(path), Path(path).resolve().parent)
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, config_to_yaml(cfg))
+
+
+def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every leaf field: used by --help and the docs."""
+    rows = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_options(tp, key + "."))
+            continue
+        rows.append((key, _type_name(tp), repr(getattr(default_obj, f.name)), docs.get(f.name, "")))
+    return rows

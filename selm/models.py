@@ -1,0 +1,116 @@
+"""Loading models and tokenizers: local Hugging Face folders, the built-in tiny model, and GGUF
+files converted once to a cached safetensors folder.
+
+Weights are only ever read from safetensors (or GGUF); pickled checkpoints are refused.
+`trust_remote_code` is off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from selm.io import AtomicDir, InputError
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SELM_CACHE", Path.home() / ".cache" / "selm"))
+
+
+def _gguf_path(name_or_path: str, gguf_file: str) -> Path:
+    p = Path(gguf_file)
+    if not p.is_absolute():
+        p = Path(name_or_path) / gguf_file
+    if not p.is_file():
+        raise InputError(f"model.gguf_file: {p} not found")
+    return p
+
+
+def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
+    """Dequantise a GGUF file with transformers (needs the `gguf` package) into a safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with AtomicDir(out) as tmp:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> Path:
+    """Turn a ModelConfig into a local Hugging Face folder with safetensors weights.
+
+    "tiny" is built into ``run_dir/start_model`` (or the cache); a GGUF file is converted once into
+    the cache, keyed by the file's path, size and modification time.
+    """
+    if model_cfg.name_or_path == "tiny":
+        from selm.tiny import save_tiny
+
+        dest = (run_dir / "start_model") if run_dir else cache_root() / "models" / f"tiny-seed{seed}"
+        if not (dest / "config.json").is_file():
+            save_tiny(dest, seed=seed)
+        return dest
+    if model_cfg.gguf_file:
+        gguf = _gguf_path(model_cfg.name_or_path, model_cfg.gguf_file)
+        st = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{model_cfg.dtype}".encode()).hexdigest()[:16]
+        dest = cache_root() / "models" / f"{gguf.stem}-{key}"
+        if not (dest / "config.json").is_file():
+            convert_gguf(gguf, dest, model_cfg.dtype)
+        return dest
+    path = Path(os.path.expanduser(model_cfg.name_or_path))
+    if path.is_dir():
+        return path
+    # A hub id: resolve it from the local cache only (runs are offline).
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_cfg.name_or_path, local_files_only=True))
+    except Exception:
+        raise InputError(
+            f"model.name_or_path: {model_cfg.name_or_path!r} is not a local folder nor a model in the local "
+            "Hugging Face cache"
+        ) from None
+
+
+def check_safetensors(path: Path) -> None:
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise InputError(f"{path}: only pickled weights (.bin/.pt) found; selm loads safetensors only")
+        raise InputError(f"{path}: no .safetensors weights found")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions are always masked out; any id works, EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_safetensors(path)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Set torch's CPU thread count (None leaves torch's default). On small CPU workloads OpenMP
+    spin-waiting across threads costs far more than it gains (see README, "Threads")."""
+    if num_threads is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
