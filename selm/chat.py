@@ -90,8 +90,17 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
 
 
-def encode_response(tokenizer, messages: Messages, response: str, prompt: str | None = None) -> list[int]:
-    return tokenizer(response_suffix_text(tokenizer, messages, response, prompt), add_special_tokens=False)["input_ids"]
+def encode_response(
+    tokenizer, messages: Messages, response: str, prompt: str | None = None, stop_ids: Sequence[int] = ()
+) -> list[int]:
+    """Response token ids, ending with the end-of-turn token. Whatever a template writes after it
+    (e.g. a newline) is dropped: generation stops at that token, so training must too."""
+    ids = tokenizer(response_suffix_text(tokenizer, messages, response, prompt), add_special_tokens=False)["input_ids"]
+    stop = set(stop_ids)
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[: i + 1]
+    return ids
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

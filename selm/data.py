@@ -1,0 +1,100 @@
+"""Record formats and loading.
+
+Pair record (the training stage's input; TRL's conversational preference format plus one field)::
+
+    {"prompt": str | [messages], "chosen": str | [assistant message], "rejected": ...,
+     "exploration": ...}
+
+``exploration`` is y0, the reference model's own response; it may be absent only when alpha = 0.
+Files may be JSONL, Parquet, or a `datasets` folder (save_to_disk). Errors name the file and row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from selm.chat import Messages, normalize_prompt, response_text_of
+from selm.io import InputError, iter_jsonl
+
+
+@dataclass
+class PairRecord:
+    prompt: Messages
+    chosen: str
+    rejected: str
+    exploration: str | None = None
+    prompt_id: str | None = None
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield (location, row) from a JSONL file, a Parquet file or a `datasets` folder.
+    location is "file:line" (JSONL) or "file row N" for error messages."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            raise InputError(f"{path}: a folder needs the `datasets` package") from None
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise InputError(f"{path}: not a `datasets` folder saved with save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            ds = ds[split]
+        for i, row in enumerate(ds):
+            yield f"{path} row {i}", dict(row)
+    elif path.suffix == ".parquet":
+        if not path.is_file():
+            raise InputError(f"{path}: file not found")
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise InputError(f"{path}: cannot read Parquet ({e})") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path} row {i}", row
+    else:
+        for lineno, row in iter_jsonl(path):
+            yield f"{path}:{lineno}", row
+
+
+def pair_from_row(row: dict, where: str, *, need_exploration: bool) -> PairRecord:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise InputError(f"{where}: missing field {key!r}")
+    prompt = row["prompt"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        raise InputError(f"{where}: field 'prompt' ends with an assistant turn")
+    messages = normalize_prompt(prompt, f"{where}: field 'prompt'")
+    chosen = _response(row["chosen"], messages, f"{where}: field 'chosen'")
+    rejected = _response(row["rejected"], messages, f"{where}: field 'rejected'")
+    exploration = row.get("exploration")
+    if exploration is None:
+        exploration = row.get("reference_response")  # the authors' datasets name y0 this way
+    if exploration is None:
+        if need_exploration:
+            raise InputError(f"{where}: missing field 'exploration' (needed when train.alpha > 0)")
+    else:
+        exploration = _response(exploration, messages, f"{where}: field 'exploration'")
+    pid = row.get("prompt_id")
+    return PairRecord(messages, chosen, rejected, exploration, str(pid) if pid is not None else None)
+
+
+def _response(value: Any, prompt: Messages, where: str) -> str:
+    # UltraFeedback-style rows store the whole conversation (prompt turns + answer); accept that too.
+    if isinstance(value, list) and len(value) > 1 and isinstance(value[-1], dict):
+        if value[:-1] != prompt and [m.get("content") for m in value[:-1]] != [m["content"] for m in prompt]:
+            raise InputError(f"{where}: the conversation does not start with the row's prompt")
+        value = value[-1:]
+    return response_text_of(value, where)
+
+
+def load_pairs(path: str | Path, *, need_exploration: bool) -> list[PairRecord]:
+    pairs = [pair_from_row(row, where, need_exploration=need_exploration) for where, row in iter_rows(path)]
+    if not pairs:
+        raise InputError(f"{path}: no pairs")
+    return pairs

@@ -1,0 +1,183 @@
+"""Summed response log-probs for chosen, rejected and exploration responses in one forward pass.
+
+A tokenised example is a prompt and up to three responses. Two layouts feed the same forward:
+
+- "padded": 3B rows ``prompt + response``, right-padded (the plain, reference layout);
+- "prefix": one row per example ``prompt | chosen | rejected | exploration`` with a block mask in
+  which each response sees the prompt and itself only, and position ids restarting after the
+  prompt. The prompt is encoded once instead of three times (prefix sharing).
+
+Both produce a ``LogpBatch`` that says, for every response token, which row and position's hidden
+state predicts it. Only those hidden states go through the LM head, so the (tokens x vocab) logits
+of prompt and padding positions are never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from selm.chat import encode_prompt, encode_response, end_of_turn_ids, prompt_text
+from selm.data import PairRecord
+
+KINDS = ("chosen", "rejected", "explore")
+
+
+@dataclass
+class TokenizedExample:
+    prompt: list[int]
+    responses: list[list[int]]  # [chosen, rejected] or [chosen, rejected, exploration]
+
+
+def truncate(prompt: list[int], response: list[int], *, max_length: int, max_prompt_length: int) -> tuple[list[int], list[int]]:
+    """Cut the prompt from the LEFT to max_prompt_length (the latest turn matters most), then cut the
+    response at the end so that prompt + response <= max_length. Each response is cut by its own
+    length (the authors' code cut the exploration response by the chosen one's)."""
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+    return prompt, response[: max(1, max_length - len(prompt))]
+
+
+def tokenize_pairs(
+    tokenizer, pairs: Sequence[PairRecord], *, max_length: int, max_prompt_length: int, with_exploration: bool
+) -> list[TokenizedExample]:
+    stop = end_of_turn_ids(tokenizer)
+    out = []
+    for p in pairs:
+        ptext = prompt_text(tokenizer, p.prompt)
+        prompt_ids = encode_prompt(tokenizer, p.prompt)
+        texts = [p.chosen, p.rejected] + ([p.exploration or ""] if with_exploration else [])
+        responses = []
+        for text in texts:
+            r = encode_response(tokenizer, p.prompt, text, ptext, stop)
+            trunc_prompt, r = truncate(prompt_ids, r, max_length=max_length, max_prompt_length=max_prompt_length)
+            responses.append(r)
+        out.append(TokenizedExample(trunc_prompt, responses))
+    return out
+
+
+@dataclass
+class LogpBatch:
+    """One forward pass worth of sequences, plus where each response token's prediction lives.
+
+    input_ids / position_ids: (R, T). attention_mask: (R, T) padding mask for "padded", or a
+    (R, 1, T, T) boolean block mask for "prefix". src_row, src_pos, target, seq: (M,) for the M
+    response tokens: the token ``target`` is predicted by the hidden state at (src_row, src_pos) and
+    belongs to output sequence ``seq`` = kind * B + example index (kind 0 chosen, 1 rejected,
+    2 exploration).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    src_row: torch.Tensor
+    src_pos: torch.Tensor
+    target: torch.Tensor
+    seq: torch.Tensor
+    num_examples: int
+    num_kinds: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens that go through the model."""
+        if self.attention_mask.dim() == 2:
+            return int(self.attention_mask.sum())
+        return int(self.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1).sum())
+
+    def to(self, device) -> "LogpBatch":
+        fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return LogpBatch(**fields)
+
+
+def collate_padded(examples: Sequence[TokenizedExample], pad_id: int) -> LogpBatch:
+    B, K = len(examples), len(examples[0].responses)
+    rows = [(e.prompt, e.responses[k], k * B + i) for k in range(K) for i, e in enumerate(examples)]
+    T = max(len(p) + len(r) for p, r, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    src_row, src_pos, target, seq = [], [], [], []
+    for row, (p, r, s) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[row, :n] = torch.tensor(p + r)
+        mask[row, :n] = 1
+        # Response token j sits at len(p)+j and is predicted by the hidden state one position before.
+        src_row += [row] * len(r)
+        src_pos += range(len(p) - 1, n - 1)
+        target += r
+        seq += [s] * len(r)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return LogpBatch(ids, mask, pos, torch.tensor(src_row), torch.tensor(src_pos), torch.tensor(target),
+                     torch.tensor(seq), B, K)
+
+
+def collate_prefix(examples: Sequence[TokenizedExample], pad_id: int) -> LogpBatch:
+    B, K = len(examples), len(examples[0].responses)
+    T = max(len(e.prompt) + sum(len(r) for r in e.responses) for e in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    allowed = torch.zeros((B, T, T), dtype=torch.bool)
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    src_row, src_pos, target, seq = [], [], [], []
+    for i, e in enumerate(examples):
+        P = len(e.prompt)
+        ids[i, :P] = torch.tensor(e.prompt)
+        pos[i, :P] = torch.arange(P)
+        allowed[i, :P, :P] = causal[:P, :P]
+        start = P
+        for k, r in enumerate(e.responses):
+            L = len(r)
+            end = start + L
+            ids[i, start:end] = torch.tensor(r)
+            pos[i, start:end] = torch.arange(P, P + L)
+            allowed[i, start:end, :P] = True  # every response sees the whole prompt
+            allowed[i, start:end, start:end] = causal[:L, :L]  # and itself, causally
+            # First response token is predicted from the prompt's last position (shared by all
+            # three responses), the others from the previous response position.
+            src_row += [i] * L
+            src_pos += [P - 1] + list(range(start, end - 1))
+            target += r
+            seq += [k * B + i] * L
+            start = end
+        # Padding rows attend to themselves so no row of the softmax is empty.
+        for t in range(start, T):
+            allowed[i, t, t] = True
+    return LogpBatch(ids, allowed.unsqueeze(1), pos, torch.tensor(src_row), torch.tensor(src_pos),
+                     torch.tensor(target), torch.tensor(seq), B, K)
+
+
+COLLATORS = {"padded": collate_padded, "prefix": collate_prefix}
+
+
+class ResponseLogps(nn.Module):
+    """Wraps a causal LM so that forward(batch) returns summed response log-probs, shape (K*B,).
+
+    A module (rather than a function) so that DDP/FSDP wrappers see the whole computation as one
+    forward. The LM head runs only on the M hidden states that predict response tokens.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, target, seq, num_seqs: int):
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # (R, T, H)
+        h = hidden[src_row, src_pos]  # (M, H)
+        logits = self.model.get_output_embeddings()(h).float()  # (M, V)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        token_logps = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+        return torch.zeros(num_seqs, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seq, token_logps)
+
+
+def batch_logps(module: nn.Module, batch: LogpBatch) -> dict[str, torch.Tensor]:
+    """Run a ResponseLogps (possibly wrapped) on a batch; returns {"chosen", "rejected"[, "explore"]} -> (B,)."""
+    flat = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.src_row, batch.src_pos,
+                  batch.target, batch.seq, batch.num_examples * batch.num_kinds)
+    B = batch.num_examples
+    return {KINDS[k]: flat[k * B:(k + 1) * B] for k in range(batch.num_kinds)}
