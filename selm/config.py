@@ -196,6 +196,9 @@ class TrainConfig:
     """Write metrics every N optimizer steps."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events (if tensorboard is installed)."""
+    layout: Literal["prefix", "padded"] = "prefix"
+    """How sequences are batched: "prefix" encodes each prompt once for its chosen, rejected and
+    exploration responses (a block mask; faster); "padded" runs one padded row per sequence."""
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
     VM for small models (see README)."""
@@ -403,12 +406,13 @@ def config_from_dict(data: dict) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping")
-    cfg = _build(Config, data)
-    _cross_checks(cfg)
-    return cfg
+    return _build(Config, data)
 
 
-def _cross_checks(cfg: Config) -> None:
+def check_for_loop(cfg: Config) -> None:
+    """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: required to run the loop")
     for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
         if rc.kind in ("callable", "pairwise") and not rc.callable:
             if name == "evaluate.judge" and not cfg.evaluate.enabled:

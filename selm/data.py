@@ -98,3 +98,75 @@ def load_pairs(path: str | Path, *, need_exploration: bool) -> list[PairRecord]:
     if not pairs:
         raise InputError(f"{path}: no pairs")
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt sets for the online loop.
+
+
+def prompt_id_of(messages: Messages) -> str:
+    import hashlib
+    import json
+
+    # A plain single-turn prompt hashes its text, as UltraFeedback's prompt_id does.
+    text = messages[0]["content"] if len(messages) == 1 else json.dumps(messages, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def prompt_from_row(row: dict, where: str, prompt_field: str = "prompt") -> dict:
+    """A prompt row -> {"prompt_id", "prompt" (messages), "chosen", "rejected"} (the last two are the
+    dataset's own responses, or None). Accepts plain rows and UltraFeedback-binarized rows as they are."""
+    if prompt_field in row and row[prompt_field] is not None:
+        raw = row[prompt_field]
+    elif isinstance(row.get("messages"), list) or isinstance(row.get("chosen"), list):
+        conv = row.get("messages") if isinstance(row.get("messages"), list) else row["chosen"]
+        raw = conv[:-1] if conv and isinstance(conv[-1], dict) and conv[-1].get("role") == "assistant" else conv
+    else:
+        raise InputError(f"{where}: missing field {prompt_field!r}")
+    messages = normalize_prompt(raw, f"{where}: field {prompt_field!r}")
+    out = {"prompt_id": str(row.get("prompt_id") or prompt_id_of(messages)), "prompt": messages,
+           "chosen": None, "rejected": None}
+    if row.get("chosen") is not None and row.get("rejected") is not None:
+        out["chosen"] = _response(row["chosen"], messages, f"{where}: field 'chosen'")
+        out["rejected"] = _response(row["rejected"], messages, f"{where}: field 'rejected'")
+    return out
+
+
+def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[dict]:
+    """Load a prompt set; duplicate prompt ids are kept once (first occurrence)."""
+    seen, out = set(), []
+    for where, row in iter_rows(path):
+        rec = prompt_from_row(row, where, prompt_field)
+        if rec["prompt_id"] in seen:
+            continue
+        seen.add(rec["prompt_id"])
+        out.append(rec)
+    if not out:
+        raise InputError(f"{path}: no prompts")
+    return out
+
+
+def split_prompts(prompts: list[dict], *, iterations: int, eval_size: int, max_prompts: int | None,
+                  slices: str, shuffle: bool, seed: int, has_eval_file: bool) -> tuple[list[list[dict]], list[dict]]:
+    """Split into per-iteration training slices and a held-out evaluation set (disjoint)."""
+    import random
+
+    prompts = list(prompts)
+    if shuffle:
+        random.Random(seed).shuffle(prompts)
+    held = [] if has_eval_file else prompts[:eval_size]
+    train = prompts[len(held):]
+    if max_prompts is not None:
+        train = train[:max_prompts]
+    if slices == "all":
+        parts = [train] * iterations
+    else:
+        if len(train) < iterations:
+            raise InputError(f"data.prompts: {len(train)} training prompts cannot make {iterations} disjoint slices")
+        size, extra = divmod(len(train), iterations)
+        parts, start = [], 0
+        for t in range(iterations):
+            end = start + size + (1 if t < extra else 0)
+            parts.append(train[start:end])
+            start = end
+    return parts, held

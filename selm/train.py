@@ -147,8 +147,8 @@ def run_train(
     *,
     ref_model_path: Path | None = None,
     learning_rate: float | None = None,
-    layout: str = "prefix",
     max_steps: int | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Train one epoch set of cfg.train on `pairs_path`, starting from (and, unless `ref_model_path`
     is given, referenced to) `model_path`. Writes stage_dir/{model/, metrics.jsonl, tb/, config.yaml,
@@ -166,14 +166,15 @@ def run_train(
     clean_stale_temporaries(stage_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(cfg.seed)
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
 
     with_explore = tc.alpha > 0
     pairs = load_pairs(pairs_path, need_exploration=with_explore)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     examples = tokenize_pairs(tokenizer, pairs, max_length=tc.max_length, max_prompt_length=tc.max_prompt_length,
                               with_exploration=with_explore)
-    collate = COLLATORS[layout]
+    collate = COLLATORS[tc.layout]
     pad_id = tokenizer.pad_token_id
     use_bf16 = tc.bf16
 
@@ -192,7 +193,7 @@ def run_train(
     key = sha256_json({
         "ref": _model_fingerprint(ref_path), "data": sha256_file(pairs_path) if Path(pairs_path).is_file() else str(pairs_path),
         "max_length": tc.max_length, "max_prompt_length": tc.max_prompt_length, "explore": with_explore,
-        "layout": layout, "bf16": use_bf16, "dtype": cfg.model.dtype,
+        "layout": tc.layout, "bf16": use_bf16, "dtype": cfg.model.dtype,
     })
     cache = stage_dir / REF_CACHE
     ref = None
@@ -216,7 +217,7 @@ def run_train(
         ref = load_file(str(cache))
 
     # --- optimizer, schedule, step plan ------------------------------------------------------------
-    plan = StepPlan.build(len(examples), tc, cfg.seed, world)
+    plan = StepPlan.build(len(examples), tc, seed, world)
     total_steps = len(plan.steps)
     warmup = int(math.ceil(tc.warmup_ratio * total_steps))
     decay, no_decay = [], []

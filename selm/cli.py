@@ -1,0 +1,168 @@
+"""The `selm` command: the online loop (`run`), each stage on its own, and run inspection.
+
+Errors in user input print one line naming the file, line or key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+
+from selm.config import Config, TrainConfig, ModelConfig, describe_options, field_docs, load_config
+
+EXIT_INPUT = 2
+
+
+def _config_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file" + ("" if required else
+                   " (default: OUTPUT_DIR/config.yaml of an existing run)"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.alpha=0 (repeatable; see `selm options`)")
+
+
+def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    _config_arg(p, required=False)
+    p.add_argument("--output-dir", required=True, type=Path, help="the run folder")
+    p.add_argument("--iteration", type=int, required=True, help="iteration t (evaluate: 0 = the start model)")
+    return p
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str) -> None:
+    """One --flag per field of a config section, documented from the field docstrings."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    group = p.add_argument_group(f"{section}.* options (also settable as --set {section}.KEY=VALUE)")
+    for f in dataclasses.fields(cls):
+        flag = f"--{f.name.replace('_', '-')}"
+        if section == "model":
+            flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
+        from selm.config import _type_name
+
+        group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
+                           if len(_type_name(hints[f.name])) < 24 else "VALUE",
+                           help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for k, v in vars(args).items():
+        if "__" in k and v is not None:
+            section, name = k.split("__", 1)
+            out.append(f"{section}.{name}={v}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selm", description="Online preference alignment with Self-Exploring "
+                                     "Language Models (SELM): generate, rank, pair, train, evaluate.")
+    parser.add_argument("--version", action="version", version=f"selm {__import__('selm').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run T online iterations (resumes a stopped run)",
+                       description="Run the online loop: for each iteration generate -> rank -> pair -> train -> "
+                       "evaluate. Re-running the same command continues where a stopped run left off.")
+    _config_arg(p)
+    p.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--continue-with-new-config", action="store_true",
+                   help="allow a changed config for an existing run folder (finished stages are kept)")
+
+    _stage_parser(sub, "generate", "sample k responses + the exploration response for iteration t's prompts")
+    _stage_parser(sub, "rank", "score iteration t's candidates with the training ranker")
+    _stage_parser(sub, "pair", "turn iteration t's scores into best-vs-worst preference pairs")
+    _stage_parser(sub, "evaluate", "evaluate iteration t's model on the held-out prompts with the gold judge")
+
+    p = sub.add_parser("train", help="train on preference pairs (a file, or iteration t of a run)",
+                       description="Train a causal LM with the SELM objective (DPO + alpha*beta*(logp(y0) - "
+                       "logp_ref(y0))) on a pairs file: JSONL/Parquet/datasets folder of {prompt, chosen, rejected, "
+                       "exploration}. Writes OUTPUT_DIR/model (safetensors), metrics.jsonl, tb/, config.yaml.")
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable)")
+    p.add_argument("--pairs", type=Path, help="pairs file to train on (standalone mode)")
+    p.add_argument("--ref-model", type=Path, default=None,
+                   help="reference model folder (default: the start model, as in SELM)")
+    p.add_argument("--output-dir", type=Path, required=True, help="output folder (or the run folder with --iteration)")
+    p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    _add_dataclass_flags(p, ModelConfig, "model")
+    _add_dataclass_flags(p, TrainConfig, "train")
+
+    p = sub.add_parser("status", help="show where a run stands")
+    p.add_argument("output_dir", type=Path)
+
+    p = sub.add_parser("options", help="list every config key with its type, default and meaning")
+    return parser
+
+
+def _load(args) -> Config:
+    path = args.config
+    if path is None and getattr(args, "output_dir", None) is not None and (args.output_dir / "config.yaml").is_file():
+        path = args.output_dir / "config.yaml"
+    return load_config(path, list(args.overrides) + _flag_overrides(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from selm.io import InputError
+
+    try:
+        return _dispatch(args)
+    except InputError as e:
+        print(f"selm: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("selm: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from selm import loop
+
+    if args.command == "options":
+        for key, tp, default, doc in describe_options():
+            print(f"{key} ({tp}, default {default})\n    {doc}")
+        return 0
+    if args.command == "status":
+        rows = loop.status(args.output_dir)
+        width = max(len(r[0]) for r in rows)
+        for name, state, detail in rows:
+            print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
+        return 0
+    if args.command == "run":
+        cfg = _load(args)
+        out = args.output_dir or Path("runs") / Path(args.config).stem
+        summary = loop.run_loop(cfg, out, allow_config_change=args.continue_with_new_config)
+        for row in summary["iterations"]:
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print(f"run folder: {out}")
+        return 0
+    if args.command == "train" and args.iteration is None:
+        from selm.io import InputError
+        from selm.train import run_train
+        from selm.models import materialize_model
+
+        if args.pairs is None:
+            raise InputError("--pairs: required unless --iteration names a stage of a run")
+        cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
+        model = materialize_model(cfg.model, seed=cfg.seed)
+        summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
+                            seed=args.seed)
+        print(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
+        return 0
+    cfg = _load(args)
+    loop.check_config(cfg, args.output_dir, allow_change=False)
+    info = loop.run_stage(cfg, args.output_dir, args.iteration, args.command)
+    print(f"{args.command} iteration {args.iteration}: done {info}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The evaluate stage: generate on held-out prompts with an iteration's model and score the
+responses with the GOLD judge (configured apart from the training ranker).
+
+Writes stage_dir/generations.jsonl ({prompt_id, prompt, response, gold}), metrics.json (mean gold
+reward with a bootstrap 95% interval, mean response length, win rates against baseline evaluations
+with ties counting half) and DONE.json last.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selm.config import Config
+from selm.io import InputError, atomic_write_json, atomic_write_jsonl, mark_done, read_jsonl
+from selm.stats import bootstrap_ci, mean, win_rate
+
+
+def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+    from selm.rankers import build_ranker
+
+    ranker = build_ranker(cfg.evaluate.judge, key="evaluate.judge")
+    try:
+        scores = []
+        step = 16
+        for i in range(0, len(prompts), step):
+            out = ranker.score(prompts[i:i + step], [[r] for r in responses[i:i + step]])
+            scores += [float(s[0]) for s in out]
+        return scores
+    finally:
+        ranker.close()
+
+
+def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> dict:
+    """Win rate of `rows` over the baseline's generations, matched by prompt_id."""
+    base = {r["prompt_id"]: r["gold"] for r in read_jsonl(baseline_dir / "generations.jsonl")}
+    missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in base]
+    if missing:
+        raise InputError(f"{baseline_dir}/generations.jsonl: no response for prompt_id {missing[0]}")
+    return win_rate([r["gold"] for r in rows], [base[r["prompt_id"]] for r in rows], samples=samples, seed=seed)
+
+
+def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
+                 baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
+    from selm.generation import generate
+    from selm.models import load_causal_lm, load_tokenizer, set_threads
+
+    ev = cfg.evaluate
+    set_threads(cfg.train.num_threads)
+    prompts = read_jsonl(prompts_path)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+    greedy = ev.temperature == 0
+    responses = generate(model, tokenizer, [p["prompt"] for p in prompts], num_samples=1,
+                         temperature=ev.temperature if not greedy else 1.0, top_p=1.0,
+                         max_new_tokens=ev.max_new_tokens, greedy=greedy, batch_size=ev.batch_size,
+                         seed=seed, progress="evaluate: generate")
+    del model
+    texts = [r[0] for r in responses]
+    gold = score_responses(cfg, [p["prompt"] for p in prompts], texts)
+    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": t, "gold": g,
+             "length_tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"])}
+            for p, t, g in zip(prompts, texts, gold)]
+    golds = [r["gold"] for r in rows]
+    metrics = {
+        "prompts": len(rows), "gold_mean": mean(golds),
+        "gold_ci95": list(bootstrap_ci(golds, samples=ev.bootstrap_samples, seed=seed)),
+        "length_tokens_mean": mean([r["length_tokens"] for r in rows]),
+        "length_chars_mean": mean([len(r["response"]) for r in rows]),
+        "win_rates": {name: compare(rows, Path(d), ev.bootstrap_samples, seed) for name, d in (baselines or {}).items()},
+    }
+    stage_dir = Path(stage_dir)
+    atomic_write_jsonl(stage_dir / "generations.jsonl", rows)
+    atomic_write_json(stage_dir / "metrics.json", metrics)
+    # Timing goes in the marker, not metrics.json, so that a resumed run's metrics equal a fresh one's.
+    mark_done(stage_dir, {"gold_mean": metrics["gold_mean"], "seconds": time.perf_counter() - t0})
+    return metrics

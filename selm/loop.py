@@ -1,0 +1,246 @@
+"""The online loop: for t = 1..T, generate -> rank -> pair -> train -> evaluate, as in SELM.md.
+
+The loop only sequences stages; each stage reads files and writes files in the run folder::
+
+    DIR/config.yaml                    the resolved config of the run
+    DIR/start_model/                   the built-in tiny model (when model.name_or_path is "tiny")
+    DIR/data/                          train_<t>.jsonl slices, eval.jsonl
+    DIR/iter_0/evaluate/               the start model on the held-out prompts (the baseline)
+    DIR/iter_<t>/{generate,rank,pair,train,evaluate}/
+
+Every stage folder gets DONE.json last. A re-run skips finished stages, wipes an unfinished one and
+redoes it from its start -- except training, which resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from selm.config import Config, ConfigError, check_for_loop, config_to_dict, config_to_yaml, load_yaml, save_config
+from selm.io import InputError, atomic_write_jsonl, clean_stale_temporaries, is_done, mark_done, read_json
+
+STAGES = ("generate", "rank", "pair", "train", "evaluate")
+
+
+def stage_dir(out: Path, t: int, stage: str) -> Path:
+    return Path(out) / f"iter_{t}" / stage
+
+
+def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
+    """Save the config into the run folder; refuse a different one for an existing run."""
+    check_for_loop(cfg)
+    path = Path(out) / "config.yaml"
+    if path.is_file():
+        old = load_yaml(path)
+        new = config_to_dict(cfg)
+        if old != new:
+            diffs = _diff(old, new)
+            if not allow_change:
+                shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
+                raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
+                                  "pass --continue-with-new-config to go on with the new one")
+            with open(Path(out) / "config_changes.log", "a", encoding="utf-8") as f:
+                f.write("; ".join(diffs) + "\n")
+        else:
+            return
+    save_config(cfg, path)
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def start_model_path(cfg: Config, out: Path) -> Path:
+    from selm.models import materialize_model
+
+    return materialize_model(cfg.model, run_dir=Path(out), seed=cfg.seed)
+
+
+def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
+    """The model that starts iteration t (and is its reference): iteration t-1's output."""
+    if t == 1:
+        return start_model_path(cfg, out)
+    prev = stage_dir(out, t - 1, "train")
+    if not is_done(prev):
+        raise InputError(f"{prev}: not finished; iteration {t} starts from iteration {t - 1}'s model")
+    return prev / "model"
+
+
+def prepare_data(cfg: Config, out: Path) -> Path:
+    from selm.data import load_prompts, split_prompts
+
+    d = Path(out) / "data"
+    if is_done(d):
+        return d
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: required to run the loop")
+    prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
+    eval_rows = load_prompts(cfg.data.eval_prompts, cfg.data.prompt_field) if cfg.data.eval_prompts else None
+    slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=cfg.data.eval_size,
+                                 max_prompts=cfg.data.max_prompts, slices=cfg.data.slices, shuffle=cfg.data.shuffle,
+                                 seed=cfg.seed, has_eval_file=eval_rows is not None)
+    if eval_rows is not None:
+        train_ids = {r["prompt_id"] for s in slices for r in s}
+        held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
+    for t, part in enumerate(slices, 1):
+        atomic_write_jsonl(d / f"train_{t}.jsonl", part)
+    atomic_write_jsonl(d / "eval.jsonl", held)
+    mark_done(d, {"train_slices": [len(s) for s in slices], "eval": len(held)})
+    return d
+
+
+def _fresh(sd: Path) -> None:
+    """An unfinished stage is redone from its start: clear what a killed run left."""
+    if sd.exists() and not is_done(sd):
+        shutil.rmtree(sd)
+
+
+def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
+    """Run one stage of iteration t if it is not done; its inputs must be done. Returns its marker."""
+    out = Path(out)
+    sd = stage_dir(out, t, stage)
+    if is_done(sd):
+        return read_json(sd / "DONE.json")
+    data = prepare_data(cfg, out)
+    seed = cfg.seed * 1000 + t
+    if stage == "evaluate":
+        if not cfg.evaluate.enabled:
+            raise ConfigError("evaluate.enabled: is false")
+        return _evaluate(cfg, out, t)
+    if t < 1 or t > cfg.loop.iterations:
+        raise InputError(f"--iteration: must be in 1..{cfg.loop.iterations}")
+    prev = {"rank": "generate", "pair": "rank", "train": "pair"}.get(stage)
+    if prev and not is_done(stage_dir(out, t, prev)):
+        raise InputError(f"{stage_dir(out, t, prev)}: not finished; run `selm {prev}` for iteration {t} first")
+    if stage == "generate":
+        from selm.generate import run_generate
+
+        _fresh(sd)
+        run_generate(cfg, model_for_iteration(cfg, out, t), data / f"train_{t}.jsonl", sd, seed=seed)
+    elif stage == "rank":
+        from selm.rank import run_rank
+
+        _fresh(sd)
+        run_rank(cfg, stage_dir(out, t, "generate") / "generations.jsonl", sd)
+    elif stage == "pair":
+        from selm.pair import run_pair
+
+        _fresh(sd)
+        stats = run_pair(stage_dir(out, t, "rank") / "scores.jsonl", sd, min_margin=cfg.pair.min_margin)
+        if stats["pairs"] == 0:
+            raise InputError(f"{sd}: iteration {t} produced no preference pairs "
+                             f"({stats['ties_dropped']} ties); lower pair.min_margin or add candidates")
+    elif stage == "train":
+        from selm.train import run_train
+
+        # Not wiped: training resumes from its own checkpoint and reuses its reference cache.
+        clean_stale_temporaries(sd)
+        run_train(cfg, stage_dir(out, t, "pair") / "pairs.jsonl", model_for_iteration(cfg, out, t), sd,
+                  learning_rate=cfg.lr_for_iteration(t), seed=seed)
+    else:
+        raise InputError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    return read_json(sd / "DONE.json")
+
+
+def _evaluate(cfg: Config, out: Path, t: int) -> dict:
+    from selm.evaluate import run_evaluate
+
+    sd = stage_dir(out, t, "evaluate")
+    if t == 0:
+        model = start_model_path(cfg, out)
+        baselines = {}
+    else:
+        train = stage_dir(out, t, "train")
+        if not is_done(train):
+            raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
+        model = train / "model"
+        baselines = {"start": _evaluated(cfg, out, 0)}
+        if t > 1:
+            baselines["previous"] = _evaluated(cfg, out, t - 1)
+    _fresh(sd)
+    run_evaluate(cfg, model, Path(out) / "data" / "eval.jsonl", sd, baselines=baselines, seed=cfg.seed)
+    return read_json(sd / "DONE.json")
+
+
+def _evaluated(cfg: Config, out: Path, t: int) -> Path:
+    sd = stage_dir(out, t, "evaluate")
+    if not is_done(sd):
+        _evaluate(cfg, out, t)
+    return sd
+
+
+def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(cfg, out, allow_config_change)
+    prepare_data(cfg, out)
+    evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0
+    if evaluate:
+        _evaluated(cfg, out, 0)
+    for t in range(1, cfg.loop.iterations + 1):
+        for stage in STAGES:
+            if stage == "evaluate" and not evaluate:
+                continue
+            run_stage(cfg, out, t, stage)
+    summary = summarize(out, cfg.loop.iterations)
+    mark_done(out, summary)
+    return summary
+
+
+def summarize(out: Path, iterations: int) -> dict:
+    """Per-iteration headline numbers, read back from the stage files."""
+    rows = []
+    for t in range(0, iterations + 1):
+        row: dict = {"iteration": t}
+        ev = stage_dir(out, t, "evaluate") / "metrics.json"
+        if ev.is_file():
+            m = read_json(ev)
+            row["gold_mean"] = m["gold_mean"]
+            for name, w in m.get("win_rates", {}).items():
+                row[f"win_rate_vs_{name}"] = w["win_rate"]
+        pair = stage_dir(out, t, "pair") / "DONE.json"
+        if pair.is_file():
+            row["pairs"] = read_json(pair).get("pairs")
+        rows.append(row)
+    return {"iterations": rows}
+
+
+def status(out: Path) -> list[tuple[str, str, str]]:
+    """(stage folder, state, detail) for every stage of a run folder."""
+    out = Path(out)
+    if not (out / "config.yaml").is_file():
+        raise InputError(f"{out}: not a selm run folder (no config.yaml)")
+    from selm.config import config_from_dict
+
+    cfg = config_from_dict(load_yaml(out / "config.yaml"))
+    rows = [("data", *_state(out / "data"))]
+    if cfg.evaluate.enabled:
+        rows.append(("iter_0/evaluate", *_state(stage_dir(out, 0, "evaluate"))))
+    for t in range(1, cfg.loop.iterations + 1):
+        for stage in STAGES:
+            if stage == "evaluate" and not cfg.evaluate.enabled:
+                continue
+            rows.append((f"iter_{t}/{stage}", *_state(stage_dir(out, t, stage))))
+    rows.append(("run", "done" if is_done(out) else "not done", ""))
+    return rows
+
+
+def _state(sd: Path) -> tuple[str, str]:
+    if is_done(sd):
+        info = read_json(sd / "DONE.json")
+        keys = ("pairs", "ties_dropped", "prompts", "steps", "gold_mean", "samples", "scored", "skipped")
+        detail = ", ".join(f"{k}={info[k]:.4g}" if isinstance(info[k], float) else f"{k}={info[k]}"
+                           for k in keys if k in info)
+        return "done", detail
+    if sd.exists():
+        ck = sd / "checkpoint" / "state.json"
+        if ck.is_file():
+            return "in progress", f"checkpoint at step {read_json(ck)['step']}"
+        return "in progress", ""
+    return "pending", ""

@@ -1,0 +1,37 @@
+"""Win rates and bootstrap intervals (no model code)."""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def bootstrap_ci(values: Sequence[float], *, samples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling the values)."""
+    n = len(values)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    lo = means[int((1 - level) / 2 * (samples - 1))]
+    hi = means[int((1 + level) / 2 * (samples - 1))]
+    return (lo, hi)
+
+
+def outcomes(a: Sequence[float], b: Sequence[float], tol: float = 0.0) -> list[float]:
+    """Per-prompt outcome of a vs b: 1 win, 0.5 tie (|a-b| <= tol), 0 loss."""
+    if len(a) != len(b):
+        raise ValueError("win rate needs paired scores of equal length")
+    return [0.5 if abs(x - y) <= tol else float(x > y) for x, y in zip(a, b)]
+
+
+def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int = 1000, seed: int = 0) -> dict:
+    """Win rate of a over b (ties count half) with a bootstrap 95% interval over prompts."""
+    o = outcomes(a, b)
+    lo, hi = bootstrap_ci(o, samples=samples, seed=seed)
+    return {"win_rate": mean(o), "ci95": [lo, hi], "wins": sum(x == 1 for x in o),
+            "ties": sum(x == 0.5 for x in o), "losses": sum(x == 0 for x in o), "n": len(o)}

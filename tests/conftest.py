@@ -1,0 +1,22 @@
+"""Test settings: offline, one CPU thread (OpenMP spin-waiting with 2 threads is ~20x slower on small
+ops here), and shared tiny-model fixtures built locally."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama + ChatML byte tokenizer (read-only: copy it before training in place)."""
+    from selm.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
