@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install selm with the given extras into it.
+# torch 2.13.0 is installed FIRST: it is the CPU build, and the package's torch range then pulls
+# nothing more (a bare `torch` requirement on a fresh machine would fetch a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.selm-installed${extras:+-$extras}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import selm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  touch "$stamp"
+fi
