@@ -109,6 +109,8 @@ def _load(args) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' per-shard load/save bars would bury our own stage progress bars.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     from selm.io import InputError
@@ -152,6 +154,8 @@ def _dispatch(args) -> int:
         if args.pairs is None:
             raise InputError("--pairs: required unless --iteration names a stage of a run")
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
+        if not args.pairs.exists():
+            raise InputError(f"{args.pairs}: file not found")
         model = materialize_model(cfg.model, seed=cfg.seed)
         summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
                             seed=args.seed)

@@ -85,6 +85,13 @@ def check_safetensors(path: Path) -> None:
         raise InputError(f"{path}: no .safetensors weights found")
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' per-shard progress bars; selm shows one bar per stage instead."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -100,6 +107,7 @@ def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool =
     from transformers import AutoModelForCausalLM
 
     check_safetensors(path)
+    quiet_transformers()
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
     )
