@@ -1,0 +1,143 @@
+"""The rank stage: score every prompt's candidates with the training ranker.
+
+Input (generations.jsonl, one record per prompt)::
+
+    {"prompt_id": str, "prompt": [messages], "candidates": [str, ...],
+     "sources": [str, ...] (e.g. "sample", "greedy", "dataset_chosen"), "exploration": str}
+
+Output in stage_dir, each written atomically, DONE.json last:
+
+- scores.jsonl: the same records plus "scores": [float, ...] (one per candidate, same order).
+- stats.json:   {"prompts", "scored", "skipped", "skipped_prompts": [{"prompt_id", "reason"}],
+                 "mean_score_by_source": {source: mean}, "candidates_per_prompt": {"min", "max", "mean"},
+                 "ranker": kind}
+- DONE.json:    stats plus the wall time (kept out of stats.json so reruns give identical files).
+
+The output is a pure function of the input file and the ranker config. With ``on_error: fail``
+the first ranker error stops the stage (its message names the prompt_id) and nothing is written;
+with ``on_error: skip`` failing prompts are left out of scores.jsonl and listed in stats.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selm.chat import normalize_prompt
+from selm.config import Config, RankConfig
+from selm.io import (DONE_MARKER, InputError, atomic_write_json, atomic_write_jsonl, clean_stale_temporaries,
+                     iter_jsonl, mark_done)
+from selm.rankers import Ranker, RankerError, build_ranker
+
+PROMPTS_PER_CALL = 8
+
+
+def read_generations(path: Path) -> list[dict]:
+    """Records of generations.jsonl, checked; each gets a private "_messages" (normalized prompt)."""
+    records, seen = [], set()
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        for field in ("prompt_id", "prompt", "candidates"):
+            if field not in rec:
+                raise InputError(f"{where}: missing field {field!r}")
+        pid = rec["prompt_id"]
+        if pid in seen:
+            raise InputError(f"{where}: duplicate prompt_id {pid!r}")
+        seen.add(pid)
+        cands = rec["candidates"]
+        if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
+            raise InputError(f"{where}: candidates: expected a non-empty list of strings (prompt_id {pid!r})")
+        sources = rec.get("sources")
+        if sources is not None and (not isinstance(sources, list) or len(sources) != len(cands)):
+            raise InputError(f"{where}: sources: expected one per candidate (prompt_id {pid!r})")
+        records.append({**rec, "_messages": normalize_prompt(rec["prompt"], f"{where}: prompt")})
+    return records
+
+
+def _score_chunk(ranker: Ranker, chunk: list[dict], on_error: str) -> list[tuple[dict, list | str]]:
+    """(record, scores) or (record, error message) for each record of the chunk.
+
+    One call for the chunk; if it fails, each prompt again alone, so the error (or the skip) is
+    pinned on the right prompt_id and the others still get scored.
+    """
+    ids = [r["prompt_id"] for r in chunk]
+    try:
+        scores = ranker.score([r["_messages"] for r in chunk], [r["candidates"] for r in chunk], ids=ids)
+        return list(zip(chunk, scores))
+    except RankerError as e:
+        if len(chunk) == 1:
+            return [_failed(chunk[0], e, on_error)]
+    out: list[tuple[dict, list | str]] = []
+    for rec in chunk:
+        try:
+            out.append((rec, ranker.score([rec["_messages"]], [rec["candidates"]], ids=[rec["prompt_id"]])[0]))
+        except RankerError as e:
+            out.append(_failed(rec, e, on_error))
+    return out
+
+
+def _failed(rec: dict, error: RankerError, on_error: str) -> tuple[dict, str]:
+    """Raise (on_error "fail") or return (record, reason) for a skipped prompt; both name the prompt_id."""
+    msg = str(error)
+    if repr(rec["prompt_id"]) not in msg:
+        msg = f"{msg} (prompt_id {rec['prompt_id']!r})"
+    if on_error == "fail":
+        raise RankerError(msg) from error
+    return rec, msg
+
+
+def _stats(records: list[dict], scored: list[dict], skipped: list[dict], kind: str) -> dict:
+    by_source: dict[str, list[float]] = {}
+    for rec in scored:
+        for src, s in zip(rec.get("sources") or ["candidate"] * len(rec["scores"]), rec["scores"]):
+            by_source.setdefault(str(src), []).append(s)
+    counts = [len(r["candidates"]) for r in records]
+    return {
+        "ranker": kind,
+        "prompts": len(records),
+        "scored": len(scored),
+        "skipped": len(skipped),
+        "skipped_prompts": skipped,
+        "mean_score_by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
+        "candidates_per_prompt": {"min": min(counts, default=0), "max": max(counts, default=0),
+                                  "mean": sum(counts) / max(1, len(counts))},
+    }
+
+
+def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg: RankConfig | None = None,
+             key: str = "rank") -> dict:
+    """Score generations_path into stage_dir (see the module docstring). Returns the stats dict."""
+    from tqdm.auto import tqdm
+
+    from selm.models import set_threads
+
+    rc = ranker_cfg or cfg.rank
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(stage_dir)
+    (stage_dir / DONE_MARKER).unlink(missing_ok=True)  # an old marker must not vouch for new files
+    t0 = time.perf_counter()
+    records = read_generations(Path(generations_path))
+    set_threads(cfg.train.num_threads)
+
+    scored, skipped = [], []
+    with build_ranker(rc, key=key) as ranker, tqdm(total=len(records), desc=key, unit="prompt") as bar:
+        for start in range(0, len(records), PROMPTS_PER_CALL):
+            chunk = records[start:start + PROMPTS_PER_CALL]
+            for rec, result in _score_chunk(ranker, chunk, rc.on_error):
+                out = {k: v for k, v in rec.items() if k != "_messages"}
+                if isinstance(result, str):
+                    skipped.append({"prompt_id": rec["prompt_id"], "reason": result})
+                else:
+                    scored.append({**out, "scores": result})
+            bar.update(len(chunk))
+    if records and not scored:
+        # Skipping everything is a broken ranker, not data: refuse rather than hand on nothing.
+        raise RankerError(f"{key}: every prompt failed ({len(skipped)} skipped); first error: "
+                          f"{skipped[0]['reason']}")
+
+    stats = _stats(records, scored, skipped, rc.kind)
+    atomic_write_jsonl(stage_dir / "scores.jsonl", scored)
+    atomic_write_json(stage_dir / "stats.json", stats)
+    mark_done(stage_dir, {**stats, "seconds": round(time.perf_counter() - t0, 3)})
+    return stats

@@ -1,0 +1,421 @@
+"""Rankers: score each prompt's candidate responses (higher = better).
+
+One interface, four implementations chosen by ``RankConfig.kind``::
+
+    ranker = build_ranker(cfg.rank, key="rank")
+    scores = ranker.score(prompts, candidates)   # prompts: list of message lists (ending with a user
+    ranker.close()                               # turn); candidates: list (per prompt) of list[str];
+                                                 # scores: list (per prompt) of list[float], same shape
+
+- "callable":     a Python function ``f(prompt_messages, responses) -> list[float]``.
+- "reward_model": a sequence-classification model read from a local folder with ITS OWN tokenizer
+                  and chat template (not the policy's); score = logit 0 at the last non-pad token.
+- "pairwise":     ``f(prompt_messages, a, b) -> P(a beats b)``, aggregated over all ordered pairs to
+                  a mean win probability per candidate (the authors rank with the pairwise PairRM).
+- "http_judge":   an LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint that rates
+                  each response 1-10 (stdlib urllib; the API key is read from the environment at call
+                  time and never stored, logged or put in an error message).
+
+Every ranker's output is checked: one finite score per candidate, else ``RankerError`` naming the
+prompt. Errors are one line that starts with the config key ("rank" or "evaluate.judge").
+"""
+
+from __future__ import annotations
+
+import importlib
+import http.client
+import json
+import math
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from selm.config import RankConfig
+from selm.io import InputError
+
+Messages = list[dict[str, str]]
+
+
+class RankerError(InputError):
+    """A ranker failed or returned bad scores. It is an InputError so that the CLI prints it on one
+    line; the rank stage catches it (and only it) when ``on_error: skip``."""
+
+
+def _where(ids: Sequence[Any] | None, i: int) -> str:
+    return f"prompt_id {ids[i]!r}" if ids is not None else f"prompt {i}"
+
+
+class Ranker:
+    """Base class. Subclasses implement ``_score_prompt`` (one prompt) or override ``_score_batch``
+    (many prompts in one go, e.g. a model forward pass)."""
+
+    def __init__(self, cfg: RankConfig, key: str = "rank"):
+        self.cfg = cfg
+        self.key = key
+
+    def score(self, prompts: list[Messages], candidates: list[list[str]],
+              ids: Sequence[Any] | None = None) -> list[list[float]]:
+        """Shapes: prompts (P,), candidates (P, n_p) -> scores (P, n_p) as Python floats.
+        ``ids`` (P,) only serve error messages ("prompt_id 'x'" rather than "prompt 3")."""
+        if len(prompts) != len(candidates):
+            raise RankerError(f"{self.key}: {len(prompts)} prompts but {len(candidates)} candidate lists")
+        raw = self._score_batch(prompts, candidates, ids)
+        if len(raw) != len(prompts):
+            raise RankerError(f"{self.key}: ranker returned {len(raw)} score lists for {len(prompts)} prompts")
+        return [self._check(s, len(c), ids, i) for i, (s, c) in enumerate(zip(raw, candidates))]
+
+    def _score_batch(self, prompts, candidates, ids) -> list[list[float]]:
+        return [self._score_prompt(p, c, ids, i) for i, (p, c) in enumerate(zip(prompts, candidates))]
+
+    def _score_prompt(self, prompt: Messages, responses: list[str], ids, i: int) -> list[float]:
+        raise NotImplementedError
+
+    def _check(self, scores: Any, n: int, ids, i: int) -> list[float]:
+        where = _where(ids, i)
+        try:
+            out = [float(s) for s in scores]
+        except (TypeError, ValueError):
+            raise RankerError(f"{self.key}: {where}: expected a list of numbers, got {scores!r:.80}") from None
+        if len(out) != n:
+            raise RankerError(f"{self.key}: {where}: {len(out)} scores for {n} candidates")
+        bad = [s for s in out if not math.isfinite(s)]
+        if bad:
+            raise RankerError(f"{self.key}: {where}: non-finite score {bad[0]}")
+        return out
+
+    def close(self) -> None:
+        """Release resources (model memory, connections). Safe to call twice."""
+
+    def __enter__(self) -> "Ranker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def import_function(spec: str | None, key: str) -> Callable:
+    """ "package.module:function" -> the function. Errors name the config key, e.g. rank.callable."""
+    if not spec or ":" not in spec:
+        raise RankerError(f"{key}.callable: expected \"module:function\", got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise RankerError(f"{key}.callable: cannot import {spec!r}: {e}") from None
+    if not callable(fn):
+        raise RankerError(f"{key}.callable: {spec!r} is not callable")
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Python functions
+
+
+class CallableRanker(Ranker):
+    """``f(prompt_messages, responses) -> list[float]``, one call per prompt."""
+
+    def __init__(self, cfg: RankConfig, key: str = "rank"):
+        super().__init__(cfg, key)
+        self.fn = import_function(cfg.callable, key)
+
+    def _score_prompt(self, prompt, responses, ids, i):
+        try:
+            return self.fn(prompt, list(responses))
+        except Exception as e:  # a user function's bug becomes a per-prompt error (skippable)
+            raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} raised {type(e).__name__}: {e} "
+                              f"({_where(ids, i)})") from e
+
+
+class PairwiseRanker(Ranker):
+    """``f(prompt_messages, a, b) -> P(a beats b)`` aggregated into one score per candidate.
+
+    For candidates c_1..c_n, with p_ij = f(x, c_i, c_j) for every ordered pair i != j:
+        q_ij    = (p_ij + 1 - p_ji) / 2          (both presentation orders: cancels position bias)
+        score_i = mean over j != i of q_ij       (mean probability of beating the others; in [0, 1])
+    n (n - 1) calls per prompt. A single candidate scores 0.5 (nothing to beat).
+    """
+
+    def __init__(self, cfg: RankConfig, key: str = "rank"):
+        super().__init__(cfg, key)
+        self.fn = import_function(cfg.callable, key)
+
+    def _prob(self, prompt, a, b, ij, ids, i) -> float:
+        try:
+            p = float(self.fn(prompt, a, b))
+        except Exception as e:
+            raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} raised {type(e).__name__}: {e} "
+                              f"({_where(ids, i)})") from e
+        if not 0.0 <= p <= 1.0:  # also rejects nan
+            raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} returned {p} for candidates {ij} of "
+                              f"{_where(ids, i)}; expected a probability in [0, 1]")
+        return p
+
+    def _score_prompt(self, prompt, responses, ids, i):
+        n = len(responses)
+        if n == 1:
+            return [0.5]
+        p = [[0.0] * n for _ in range(n)]
+        for a in range(n):
+            for b in range(n):
+                if a != b:
+                    p[a][b] = self._prob(prompt, responses[a], responses[b], (a, b), ids, i)
+        return [sum((p[a][b] + 1.0 - p[b][a]) / 2 for b in range(n) if b != a) / (n - 1) for a in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+
+
+def _model_dir(name: str, key: str) -> Path:
+    """A local folder, or a hub id already in the local cache (runs are offline)."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise RankerError(f"{key}.model: {name!r} is not a local folder nor a model in the local "
+                          "Hugging Face cache") from None
+
+
+class RewardModelRanker(Ranker):
+    """A sequence-classification reward model; score = logit[0] at the last non-pad token.
+
+    Text: the reward model's OWN chat template applied to prompt + assistant response (a reward
+    model is only meaningful in the format it was trained on). Without a template, the plain
+    fallback "User: ...\\n\\nAssistant: <response>" (system/earlier turns likewise).
+
+    Truncation to ``max_length`` tokens (only when the full text is longer): the prompt loses its
+    START and the response its END, because the reward depends most on the latest user turn and on
+    how the response begins. The prompt keeps at least half the budget (more if the response is
+    short); a leading BOS and what the template writes after the response (the end-of-turn token,
+    where reward models read their score) are always kept.
+
+    Sequences are right-padded with the model's pad id, so each row's last real token is the
+    rightmost non-pad token and causal attention makes scores independent of batch composition.
+    """
+
+    def __init__(self, cfg: RankConfig, key: str = "rank"):
+        super().__init__(cfg, key)
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from selm.models import check_safetensors, load_tokenizer, quiet_transformers
+
+        if not cfg.model:
+            raise RankerError(f"{key}.model: required when {key}.kind is 'reward_model'")
+        path = _model_dir(cfg.model, key)
+        try:
+            check_safetensors(path)
+        except InputError as e:
+            raise RankerError(f"{key}.model: {e}") from None
+        quiet_transformers()
+        self.tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        ).eval()
+        config = self.model.config
+        # The model pools at the rightmost token != config.pad_token_id, so padding must use THAT id.
+        if config.pad_token_id is None:
+            if self.tokenizer.pad_token_id is None:
+                raise RankerError(f"{key}.model: {path}: the tokenizer has neither a pad nor an eos token")
+            config.pad_token_id = self.tokenizer.pad_token_id
+        self.pad_id = int(config.pad_token_id)
+        self.templated = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format(self, prompt: Messages, response: str) -> tuple[str, str, str]:
+        """The text the reward model reads, in three parts whose concatenation is the full text:
+        (prompt incl. the assistant header, response, what the template writes after the response)."""
+        if not self.templated:
+            head = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in prompt) + "Assistant:"
+            return head, " " + response, ""
+        full = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        if not full.startswith(head):
+            return full, "", ""  # a template that rewrites earlier turns: no split; truncation keeps the end
+        tail = full[len(head):]
+        cut = tail.rfind(response) + len(response) if response and response in tail else len(tail)
+        return head, tail[:cut], tail[cut:]
+
+    def encode(self, prompt: Messages, response: str) -> list[int]:
+        """Token ids of one (prompt, response), at most cfg.max_length (see the class docstring)."""
+        tok, limit = self.tokenizer, self.cfg.max_length
+        head, body, closing = self.format(prompt, response)
+        # A template writes its own BOS; the plain fallback gets the tokenizer's special tokens.
+        add_special = not self.templated
+        ids = tok(head + body + closing, add_special_tokens=add_special)["input_ids"]
+        if len(ids) <= limit:
+            return ids
+        p = tok(head, add_special_tokens=add_special)["input_ids"]
+        r = tok(body, add_special_tokens=False)["input_ids"]
+        end = tok(closing, add_special_tokens=False)["input_ids"] if closing else []
+        bos = p[:1] if p and tok.bos_token_id is not None and p[0] == tok.bos_token_id else []
+        p = p[len(bos):]
+        budget = max(0, limit - len(bos) - len(end))
+        keep_p = min(len(p), max(budget // 2, budget - len(r)))
+        keep_r = budget - keep_p
+        return (bos + p[len(p) - keep_p:] + r[:keep_r] + end)[-limit:]
+
+    def _score_batch(self, prompts, candidates, ids):
+        import torch
+
+        rows = [self.encode(p, c) for p, cands in zip(prompts, candidates) for c in cands]
+        flat: list[float] = [0.0] * len(rows)
+        # Longest first, so a batch holds similar lengths (less padding); results go back in order.
+        order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))
+        bs = self.cfg.batch_size
+        with torch.no_grad():
+            for start in range(0, len(order), bs):
+                chunk = order[start:start + bs]
+                width = max(len(rows[k]) for k in chunk)
+                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)  # (B, T)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+                for b, k in enumerate(chunk):
+                    input_ids[b, :len(rows[k])] = torch.tensor(rows[k], dtype=torch.long)
+                    mask[b, :len(rows[k])] = 1
+                try:
+                    logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, num_labels)
+                except Exception as e:
+                    where = ", ".join(_where(ids, i) for i in range(len(prompts)))
+                    raise RankerError(f"{self.key}.model: forward pass failed ({where}): {type(e).__name__}: {e}") from e
+                for b, k in enumerate(chunk):
+                    flat[k] = float(logits[b, 0])
+        out, k = [], 0
+        for cands in candidates:
+            out.append(flat[k:k + len(cands)])
+            k += len(cands)
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM judge over HTTP
+
+JUDGE_SYSTEM = (
+    "You are an impartial judge of AI assistant responses. Rate the assistant's final response to the "
+    "conversation on a scale of 1 to 10, considering helpfulness, correctness, relevance to the user's "
+    "request, depth and clarity, and harmlessness. 1 = useless, wrong or harmful; 5 = acceptable but "
+    "clearly flawed; 10 = excellent in every respect. Do not let length alone raise the rating. "
+    "Reply with the rating in exactly this form: Rating: [[N]]"
+)
+
+# Most specific first: "[[7]]", then "Rating: 7" (last one wins: a judge may restate it), then a
+# bare number ("7", "7/10").
+_RATING_PATTERNS = (
+    re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]"),
+    re.compile(r"rating\s*(?:is)?\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE),
+    re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*\.?\s*$"),
+)
+
+
+def parse_rating(text: str) -> float | None:
+    """The 1-10 rating in a judge's reply, or None if there is none (or it is out of range)."""
+    for pattern in _RATING_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            value = float(found[-1])
+            return value if 1.0 <= value <= 10.0 else None
+    return None
+
+
+def render_conversation(prompt: Messages, response: str) -> str:
+    turns = [f"[{m['role'].capitalize()}]\n{m['content']}" for m in prompt]
+    return "\n\n".join(turns) + f"\n\n[Assistant's response to rate]\n{response}\n[End of response]"
+
+
+class HttpJudgeRanker(Ranker):
+    """Rates each (prompt, response) 1-10 with one request to ``{url}/chat/completions``, temperature 0.
+
+    Retries timeouts, connection errors, 429 and 5xx up to cfg.max_retries times, waiting
+    backoff_s * 2**attempt (or the server's Retry-After, capped at 60 s). Other 4xx fail at once.
+    """
+
+    def __init__(self, cfg: RankConfig, key: str = "rank", backoff_s: float = 1.0):
+        super().__init__(cfg, key)
+        if not cfg.url or not cfg.judge_model:
+            raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is 'http_judge'")
+        base = cfg.url.rstrip("/")
+        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.backoff_s = backoff_s
+
+    def _redact(self, text: str) -> str:
+        key = os.environ.get(self.cfg.api_key_env)
+        return text.replace(key, "***") if key else text
+
+    def _request(self, body: dict, where: str) -> dict:
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(self.cfg.api_key_env)  # read per call; never kept on the object
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        data = json.dumps(body).encode("utf-8")
+        last = ""
+        for attempt in range(self.cfg.max_retries + 1):
+            wait = self.backoff_s * 2 ** attempt
+            try:
+                req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                    return json.loads(resp.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                detail = e.read(200).decode("utf-8", "replace") if e.fp else ""
+                last = f"HTTP {e.code} {e.reason}: {detail}".strip()
+                if e.code != 429 and e.code < 500:
+                    break
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+                if retry_after and retry_after.strip().isdigit():
+                    wait = min(60.0, float(retry_after))
+            except (TimeoutError, socket.timeout):
+                last = f"timed out after {self.cfg.timeout_s:g} s"
+            except urllib.error.URLError as e:
+                last = (f"timed out after {self.cfg.timeout_s:g} s" if isinstance(e.reason, (TimeoutError, socket.timeout))
+                        else f"cannot connect: {e.reason}")
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < self.cfg.max_retries:
+                time.sleep(wait)
+        tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+        raise RankerError(self._redact(f"{self.key}.url: {self.endpoint}: {last} ({tries}; {where})"))
+
+    def _score_prompt(self, prompt, responses, ids, i):
+        where = _where(ids, i)
+        out = []
+        for r in responses:
+            body = {
+                "model": self.cfg.judge_model,
+                "messages": [{"role": "system", "content": JUDGE_SYSTEM},
+                             {"role": "user", "content": render_conversation(prompt, r)}],
+                "temperature": 0,
+                "max_tokens": 256,
+            }
+            reply = self._request(body, where)
+            try:
+                text = reply["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise RankerError(self._redact(f"{self.key}.url: {self.endpoint}: unexpected reply "
+                                               f"{json.dumps(reply)[:200]} ({where})")) from None
+            rating = parse_rating(text)
+            if rating is None:
+                raise RankerError(self._redact(f"{self.key}: {where}: no 1-10 rating in the judge's reply "
+                                               f"{text[:120]!r}"))
+            out.append(rating)
+        return out
+
+
+RANKERS = {"callable": CallableRanker, "reward_model": RewardModelRanker, "pairwise": PairwiseRanker,
+           "http_judge": HttpJudgeRanker}
+
+
+def build_ranker(cfg: RankConfig, key: str = "rank") -> Ranker:
+    """The ranker for ``cfg.kind``; ``key`` ("rank", "evaluate.judge") prefixes its error messages."""
+    if cfg.kind not in RANKERS:
+        raise RankerError(f"{key}.kind: unknown ranker {cfg.kind!r}; one of {', '.join(RANKERS)}")
+    return RANKERS[cfg.kind](cfg, key)
