@@ -46,7 +46,7 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
     ev = cfg.evaluate
-    set_threads(cfg.train.num_threads)
+    set_threads(cfg.generate.num_threads)
     prompts = read_jsonl(prompts_path)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)

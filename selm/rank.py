@@ -118,7 +118,7 @@ def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg
     (stage_dir / DONE_MARKER).unlink(missing_ok=True)  # an old marker must not vouch for new files
     t0 = time.perf_counter()
     records = read_generations(Path(generations_path))
-    set_threads(cfg.train.num_threads)
+    set_threads(cfg.generate.num_threads)
 
     scored, skipped = [], []
     with build_ranker(rc, key=key) as ranker, tqdm(total=len(records), desc=key, unit="prompt") as bar:

@@ -1,0 +1,378 @@
+"""The generation engine: prompts (chat messages) in, k sampled and/or one greedy response out.
+
+The "hf" backend is our own decoding loop over a Hugging Face causal LM and its KV cache, not
+`model.generate`, because on CPU the per-step Python overhead of `generate` dominates small models
+and `num_return_sequences` prefills every prompt k times (benchmarks/generate.py measures both):
+
+- prompts are sorted by token length and batched (left padding + attention mask + explicit position
+  ids), then results are put back in input order;
+- each prompt is prefilled ONCE; the KV cache is then repeated for its k samples (+ greedy row);
+- each step computes logits for the last position only; rows stop at the chat template's
+  end-of-turn token, and finished rows are dropped from the cache once a quarter of a batch is done.
+
+Sampling randomness is a counter-based hash of (seed, prompt index, sample index, step), one uniform
+per row and step, used by inverse-CDF sampling. So sample j of prompt i does not depend on batch
+size, batch composition or on how many other samples were asked for (up to float rounding in the
+batched forward), and asking for k+1 samples returns the same first k.
+
+A backend is anything with `generate(prompts, params, progress) -> list[list[Sample]]`
+(`Generator`); `build_generator` picks one by name so that, e.g., a vLLM backend can slot in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol, Sequence
+
+import torch
+
+from selm.chat import Messages, decode_response, encode_prompt, end_of_turn_ids, normalize_prompt
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    num_samples: int = 1
+    """Sampled responses per prompt (temperature/top_p); 0 for none."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    include_greedy: bool = False
+    """Also return one greedy response per prompt, after the samples (it shares their prefill)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ValueError("num_samples: must be >= 0")
+        if self.num_samples + self.include_greedy == 0:
+            raise ValueError("num_samples: must be >= 1 unless include_greedy")
+        if self.num_samples > 0 and self.temperature <= 0:
+            raise ValueError("temperature: must be > 0 for sampling (use include_greedy for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p: must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens: must be >= 1")
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.num_samples + int(self.include_greedy)
+
+
+class Sample(NamedTuple):
+    text: str
+    """The decoded response, cut before the end-of-turn token."""
+    num_tokens: int
+    """Generated tokens, end-of-turn token excluded."""
+    finished: bool
+    """True if the model ended its turn; False if max_new_tokens cut it."""
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[Messages | str], params: SamplingParams,
+                 progress: str | None = None) -> list[list[Sample]]:
+        """One list per prompt, in input order: params.num_samples samples, then the greedy one."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Counter-based random numbers: a stateless function of integer keys, vectorised over rows.
+
+_M64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 torch stores."""
+    c &= _M64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MUL1, _MUL2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; mask off the copied sign bits for a logical shift.
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2**64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def stream_keys(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """One key per row, from (seed, original prompt index, sample index). Shape: (N,) int64."""
+    s = mix64(torch.tensor(_i64(seed), dtype=torch.int64))
+    return mix64(mix64(s ^ prompt_index) ^ sample_index)
+
+
+def uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """A uniform in [0, 1) per row for decoding step `step`. Shape: (N,) float64 (53 random bits)."""
+    bits = _shr(mix64(keys ^ step), 11)
+    return bits.to(torch.float64) * (2.0 ** -53)
+
+
+# --------------------------------------------------------------------------------------------
+# Token choice
+
+
+def next_tokens(logits: torch.Tensor, greedy_rows: torch.Tensor, keys: torch.Tensor, step: int,
+                temperature: float, top_p: float) -> torch.Tensor:
+    """Pick one token per row. logits: (N, V); greedy_rows: (N,) bool; keys: (N,) int64 -> (N,) int64.
+
+    Sampled rows use temperature, then nucleus (top_p) filtering, then inverse-CDF sampling with the
+    row's uniform for this step: the token whose cumulative-probability interval holds u.
+    """
+    greedy_tok = logits.argmax(-1)
+    if bool(greedy_rows.all()):
+        return greedy_tok
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        before = probs.cumsum(-1) - probs
+        probs = probs * (before < top_p)
+    cdf = probs.double().cumsum(-1)  # (N, V); float64 so that u * total never rounds past the last bin
+    u = uniforms(keys, step).to(cdf.device) * cdf[:, -1]
+    # right=True skips zero-probability bins (their cdf equals the previous one).
+    idx = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
+    sampled = order.gather(1, idx.unsqueeze(1)).squeeze(1) if order is not None else idx
+    return torch.where(greedy_rows, greedy_tok, sampled)
+
+
+# --------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+def _forward_kwargs(model) -> dict:
+    """Per-model forward arguments: the KV cache's keyword (`cache` in transformers 5, formerly
+    `past_key_values`) and logits for the last position only, where the model supports it."""
+    params = inspect.signature(model.forward).parameters
+    kw = {"cache_kw": "cache" if "cache" in params else "past_key_values"}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    return kw
+
+
+def _preallocated_cache(model, capacity: int):
+    """A DynamicCache whose full-attention layers append in place into buffers of `capacity` tokens.
+
+    The stock DynamicLayer does torch.cat of the whole cache at every step, which copies O(T) per step
+    per layer: at a few hundred tokens on CPU that costs about as much as the forward itself. Layers of
+    other kinds (sliding window, linear attention) keep their own class. Returns None when this
+    transformers version has no per-layer cache, and the model then builds its own.
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+    if not hasattr(DynamicLayer, "lazy_initialization"):
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.get_seq_length()
+            m = n + key_states.shape[-2]
+            kb = self._buf[0] if self._buf is not None else None
+            # batch_select_indices / batch_repeat_interleave replace self.keys with a fresh tensor:
+            # then (or when full) copy into a new buffer once.
+            if (kb is None or m > kb.shape[-2] or kb.shape[0] != key_states.shape[0]
+                    or (n > 0 and self.keys.data_ptr() != kb.data_ptr())):
+                cap = max(m, self.capacity)
+                new = []
+                for old, cur in ((self.keys, key_states), (self.values, value_states)):
+                    b = cur.new_empty((*cur.shape[:-2], cap, cur.shape[-1]))
+                    if n > 0:
+                        b[..., :n, :] = old
+                    new.append(b)
+                self._buf = (new[0], new[1])
+            kb, vb = self._buf
+            kb[..., n:m, :] = key_states
+            vb[..., n:m, :] = value_states
+            self.keys, self.values = kb[..., :m, :], vb[..., :m, :]
+            return self.keys, self.values
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # transformers without config-built layers
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in layers]
+    return cache
+
+
+def _forward(model, fkw: dict, input_ids, attention_mask, position_ids, cache):
+    """One forward pass returning last-position logits (N, V) float32 and the updated cache."""
+    extra = {k: v for k, v in fkw.items() if k != "cache_kw"}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, **{fkw["cache_kw"]: cache}, **extra)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = out.past_key_values
+    return out.logits[:, -1, :].float(), new_cache
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists -> input_ids (B, L) and attention_mask (B, L) (1 = real token)."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def decode_batch(model, prompt_ids: Sequence[Sequence[int]], prompt_index: Sequence[int],
+                 params: SamplingParams, stop_ids: Sequence[int], pad_id: int = 0
+                 ) -> tuple[list[list[int]], list[bool]]:
+    """Generate for one batch of B prompts; rows are prompt-major: prompt b's rows are
+    b*R .. b*R+R-1 with R = params.rows_per_prompt (samples first, then the greedy row).
+
+    prompt_index: each prompt's index in the caller's full list (it keys the random stream).
+    Returns per row the generated ids (end-of-turn excluded) and whether the turn ended.
+    """
+    device = next(model.parameters()).device
+    fkw = _forward_kwargs(model)
+    R = params.rows_per_prompt
+    B = len(prompt_ids)
+    N = B * R
+
+    ids, attn = left_pad(prompt_ids, pad_id, device)  # (B, L)
+    # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    cache = _preallocated_cache(model, ids.shape[1] + params.max_new_tokens)
+    logits, cache = _forward(model, fkw, ids, attn, pos, cache)  # (B, V)
+
+    # One prefill per prompt, then R decoding rows per prompt share a copy of its cache.
+    if R > 1:
+        cache.batch_repeat_interleave(R)
+        logits = logits.repeat_interleave(R, dim=0)
+        attn = attn.repeat_interleave(R, dim=0)
+        pos = pos.repeat_interleave(R, dim=0)
+    next_pos = pos[:, -1] + 1  # (N,)
+    sample_idx = torch.arange(R).repeat(B)  # (N,)
+    greedy_rows = (sample_idx == params.num_samples) if params.include_greedy else torch.zeros(N, dtype=torch.bool)
+    keys = stream_keys(params.seed, torch.tensor(prompt_index, dtype=torch.long).repeat_interleave(R), sample_idx)
+    greedy_rows, keys = greedy_rows.to(device), keys.to(device)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device)
+
+    out = torch.full((N, params.max_new_tokens), pad_id, dtype=torch.long)  # (N, T) on CPU
+    lengths = torch.full((N,), params.max_new_tokens, dtype=torch.long)  # set when a row ends its turn
+    finished = torch.zeros(N, dtype=torch.bool)
+    rows = torch.arange(N)  # (n,) original row of each cache row
+    alive = torch.ones(N, dtype=torch.bool, device=device)  # (n,) rows of the cache still generating
+
+    for step in range(params.max_new_tokens):
+        tok = next_tokens(logits, greedy_rows, keys, step, params.temperature, params.top_p)  # (n,)
+        is_stop = torch.isin(tok, stop)
+        tok_cpu, alive_cpu, stop_cpu = tok.cpu(), alive.cpu(), is_stop.cpu()
+        # Every live row has produced exactly `step` tokens, so its token goes in column `step`.
+        live = alive_cpu & ~stop_cpu
+        out[rows[live], step] = tok_cpu[live]
+        ended = rows[alive_cpu & stop_cpu]
+        finished[ended] = True
+        lengths[ended] = step
+        alive = alive & ~is_stop
+        n_alive = int(alive.sum())
+        if n_alive == 0 or step == params.max_new_tokens - 1:
+            break
+        # Drop finished rows from the cache once they are a quarter of it: the copy costs about
+        # one step, so doing it per finished row would cost more than computing dead rows.
+        if 4 * (len(rows) - n_alive) >= len(rows):
+            keep = torch.nonzero(alive).flatten()
+            cache.batch_select_indices(keep)
+            keep_cpu = keep.cpu()
+            rows, attn, next_pos = rows[keep_cpu], attn[keep], next_pos[keep]
+            tok, greedy_rows, keys = tok[keep], greedy_rows[keep], keys[keep]
+            alive = alive[keep]
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+        logits, cache = _forward(model, fkw, tok.unsqueeze(1), attn, next_pos.unsqueeze(1), cache)
+        next_pos = next_pos + 1
+    return [out[r, :n].tolist() for r, n in enumerate(lengths.tolist())], finished.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The Hugging Face backend
+
+
+def encode_for_generation(tokenizer, prompts: Sequence[Messages | str]) -> list[list[int]]:
+    """Chat-template token ids of each prompt (with the assistant generation prompt)."""
+    return [encode_prompt(tokenizer, normalize_prompt(p, where=f"prompts[{i}]")) for i, p in enumerate(prompts)]
+
+
+class HFGenerator:
+    """Our decoding loop over an already-loaded Hugging Face causal LM (on any device)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.stop_ids = end_of_turn_ids(tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def generate(self, prompts: Sequence[Messages | str], params: SamplingParams,
+                 progress: str | None = None) -> list[list[Sample]]:
+        from tqdm.auto import tqdm
+
+        encoded = encode_for_generation(self.tokenizer, prompts)
+        # Longest first: similar lengths share a batch (little padding) and memory peaks early.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        results: list[list[Sample]] = [[] for _ in encoded]
+        R = params.rows_per_prompt
+        with tqdm(total=len(encoded), desc=progress, unit="prompt", disable=progress is None) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                ids, done = decode_batch(self.model, [encoded[i] for i in batch], batch, params,
+                                         self.stop_ids, self.pad_id)
+                for b, i in enumerate(batch):
+                    results[i] = [Sample(decode_response(self.tokenizer, ids[b * R + r], self.stop_ids),
+                                         len(ids[b * R + r]), done[b * R + r]) for r in range(R)]
+                bar.update(len(batch))
+        return results
+
+
+BACKENDS = ("hf",)
+
+
+def build_generator(backend: str, model_path: str | Path, *, dtype: str = "float32",
+                    trust_remote_code: bool = False, batch_size: int = 16, device: str | None = None) -> Generator:
+    """Load a model folder into a generation backend. device: None picks CUDA when available."""
+    if backend != "hf":
+        raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    from selm.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
+    model = load_causal_lm(Path(model_path), dtype, trust_remote_code)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return HFGenerator(model.to(device), tokenizer, batch_size)
+
+
+def generate(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,
+             top_p: float, max_new_tokens: int, greedy: bool, batch_size: int, seed: int,
+             progress: str | None = None) -> list[list[str]]:
+    """Responses as text, one list per prompt in input order: `num_samples` samples, or with
+    greedy=True one greedy response (num_samples and temperature are then ignored)."""
+    params = SamplingParams(num_samples=0 if greedy else num_samples, temperature=temperature, top_p=top_p,
+                            max_new_tokens=max_new_tokens, include_greedy=greedy, seed=seed)
+    out = HFGenerator(model, tokenizer, batch_size).generate(prompts, params, progress)
+    return [[s.text for s in row] for row in out]
