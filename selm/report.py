@@ -1,0 +1,285 @@
+"""The study report: report.md with PNG plots, built only from the files of the study it describes.
+
+Sections: headline; gold win rate vs the start model per iteration (95% intervals over seeds and
+prompts); head-to-head SELM vs DPO; gold reward distributions of generations per iteration (the
+paper's Fig. 3); implicit rewards of SELM minus DPO on held-out chosen/rejected (Fig. 4); training
+curves; response length; the alpha sweep (gold reward against alpha); example generations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selm.io import atomic_write_text, read_json, read_jsonl
+from selm.stats import hierarchical_ci, mean, outcomes
+from selm.study import load_study
+
+SAMPLES = 1000
+
+
+def _eval_rows(run: Path, t: int) -> dict[str, dict] | None:
+    p = run / f"iter_{t}" / "evaluate" / "generations.jsonl"
+    return {r["prompt_id"]: r for r in read_jsonl(p)} if p.is_file() else None
+
+
+def collect(out: Path) -> dict:
+    """Everything the report shows, as plain numbers (also saved as report.json)."""
+    study = load_study(out)
+    arms = [a["name"] for a in study["arms"]]
+    seeds = study["seeds"]
+    T = int(study["base"].get("loop", {}).get("iterations", 3))
+    data: dict = {"arms": arms, "seeds": seeds, "iterations": T, "title": study["title"],
+                  "alphas": {a["name"]: _alpha_of(a, study["base"]) for a in study["arms"]}}
+    per_arm = {}
+    for arm in arms:
+        rows = {"win_vs_start": [], "gold": [], "length": [], "gold_all": []}
+        for t in range(0, T + 1):
+            wins, golds, lengths = [], [], []
+            for s in seeds:
+                run = out / arm / f"seed_{s}"
+                cur, start = _eval_rows(run, t), _eval_rows(run, 0)
+                if cur is None or start is None:
+                    continue
+                ids = sorted(cur)
+                wins.append(outcomes([cur[i]["gold"] for i in ids], [start[i]["gold"] for i in ids]))
+                golds.append([cur[i]["gold"] for i in ids])
+                lengths.append([cur[i]["length_tokens"] for i in ids])
+            rows["win_vs_start"].append(_summary(wins))
+            rows["gold"].append(_summary(golds))
+            rows["length"].append(_summary(lengths))
+            rows["gold_all"].append([g for grp in golds for g in grp])
+        rows["curves"] = _curves(out / arm / f"seed_{seeds[0]}", T)
+        per_arm[arm] = rows
+    data["per_arm"] = per_arm
+    if "selm" in arms and "dpo" in arms:
+        h2h = []
+        for t in range(1, T + 1):
+            groups = []
+            for s in seeds:
+                a, b = _eval_rows(out / "selm" / f"seed_{s}", t), _eval_rows(out / "dpo" / f"seed_{s}", t)
+                if a and b:
+                    ids = sorted(a)
+                    groups.append(outcomes([a[i]["gold"] for i in ids], [b[i]["gold"] for i in ids]))
+            h2h.append(_summary(groups))
+        data["head_to_head"] = h2h
+        data["examples"] = _examples(out, seeds[0], T)
+    ir = out / "analysis" / "implicit_rewards.json"
+    if ir.is_file():
+        data["implicit_rewards"] = read_json(ir)
+    return data
+
+
+def _alpha_of(arm: dict, base: dict) -> float:
+    for o in arm["overrides"]:
+        if o.startswith("train.alpha="):
+            return float(o.split("=", 1)[1])
+    return float(base.get("train", {}).get("alpha", 1e-3))
+
+
+def _summary(groups: list[list[float]]) -> dict:
+    flat = [x for g in groups for x in g]
+    if not flat:
+        return {"mean": None, "ci95": [None, None], "n": 0}
+    lo, hi = hierarchical_ci(groups, samples=SAMPLES, seed=0)
+    return {"mean": mean(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups)}
+
+
+def _curves(run: Path, T: int) -> list[dict]:
+    pts, offset = [], 0
+    for t in range(1, T + 1):
+        p = run / f"iter_{t}" / "train" / "metrics.jsonl"
+        if not p.is_file():
+            break
+        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+        for r in rows:
+            pts.append({"step": offset + r["step"], "iteration": t, "loss": r["loss"], "margin": r["rewards/margins"],
+                        "explore": r["loss/explore"], "accuracy": r["rewards/accuracies"]})
+        offset += len(rows)
+    return pts
+
+
+def _examples(out: Path, seed: int, T: int, n: int = 3) -> list[dict]:
+    start = _eval_rows(out / "selm" / f"seed_{seed}", 0)
+    a = _eval_rows(out / "selm" / f"seed_{seed}", T)
+    b = _eval_rows(out / "dpo" / f"seed_{seed}", T)
+    if not (start and a and b):
+        return []
+    ids = sorted(start)[:n]
+    return [{"prompt": start[i]["prompt"][-1]["content"], "start": start[i], "selm": a[i], "dpo": b[i]} for i in ids]
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots and markdown.
+
+
+def _fmt(s: dict, pct: bool = False) -> str:
+    if s.get("mean") is None:
+        return "n/a"
+    k = 100 if pct else 1
+    return f"{s['mean'] * k:.1f}{'%' if pct else ''} [{s['ci95'][0] * k:.1f}, {s['ci95'][1] * k:.1f}]" if pct else \
+        f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+
+def _plots(data: dict, plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    made = []
+    T, arms = data["iterations"], data["arms"]
+
+    def save(fig, name):
+        fig.tight_layout()
+        tmp = plots / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(plots / name)
+        made.append(name)
+
+    def errbar(ax, xs, summaries, label, scale=1.0):
+        pts = [(x, s) for x, s in zip(xs, summaries) if s["mean"] is not None]
+        if not pts:
+            return
+        x = [p[0] for p in pts]
+        m = [p[1]["mean"] * scale for p in pts]
+        lo = [(p[1]["mean"] - p[1]["ci95"][0]) * scale for p in pts]
+        hi = [(p[1]["ci95"][1] - p[1]["mean"]) * scale for p in pts]
+        ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=label)
+        ax.set_xticks(list(xs))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="iteration", ylabel="gold win rate vs start model (%)", title="Win rate vs the start model (95% CI)")
+    ax.legend()
+    save(fig, "win_rate_vs_start.png")
+
+    if "head_to_head" in data:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        errbar(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
+        ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="iteration", ylabel="SELM win rate over DPO (%)", title="Head to head, same seed and prompts")
+        save(fig, "head_to_head.png")
+
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.6), squeeze=False, sharey=True)
+    for ax, arm in zip(axes[0], arms):
+        for t, vals in enumerate(data["per_arm"][arm]["gold_all"]):
+            if vals:
+                ax.hist(vals, bins=20, histtype="step", density=True, label=f"iter {t}", lw=1.5)
+        ax.set(title=f"{arm}: gold reward of generations", xlabel="gold reward")
+        ax.legend(fontsize=8)
+    save(fig, "reward_distribution.png")
+
+    ir = data.get("implicit_rewards")
+    if ir and ir.get("diff"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind in ("chosen", "rejected"):
+            errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="iteration", ylabel="implicit reward, SELM - DPO", title="Implicit rewards on held-out pairs")
+        ax.legend()
+        save(fig, "implicit_rewards.png")
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for arm in arms:
+        c = data["per_arm"][arm]["curves"]
+        if not c:
+            continue
+        for ax, key in zip(axes, ("loss", "margin", "explore")):
+            ax.plot([p["step"] for p in c], [p[key] for p in c], label=arm)
+    for ax, title in zip(axes, ("loss", "rewards/margins", "loss/explore (alpha*beta*(logp - logp_ref) of y0)")):
+        ax.set(title=title, xlabel="optimizer step (all iterations, first seed)")
+        ax.legend(fontsize=8)
+    save(fig, "training_curves.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
+    ax.set(xlabel="iteration", ylabel="response length (tokens)", title="Evaluation response length")
+    ax.legend()
+    save(fig, "length.png")
+
+    if len(arms) > 2 or not ("selm" in arms and "dpo" in arms):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        order = sorted(arms, key=lambda a: data["alphas"][a])
+        xs = list(range(len(order)))
+        errbar(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
+        ax.set_xticks(xs, [f"{data['alphas'][a]:g}" for a in order])
+        ax.set(xlabel="alpha", ylabel="mean gold reward", title="Alpha sweep (95% CI over seeds and prompts)")
+        save(fig, "alpha_sweep.png")
+    return made
+
+
+def headline(data: dict) -> str:
+    T = data["iterations"]
+    if "head_to_head" in data and data["head_to_head"] and data["head_to_head"][-1]["mean"] is not None:
+        h = data["head_to_head"][-1]
+        lo, hi = h["ci95"]
+        if lo > 0.5:
+            verdict = "SELM beat iterative DPO"
+        elif hi < 0.5:
+            verdict = "iterative DPO beat SELM"
+        else:
+            verdict = "no clear difference between SELM and iterative DPO (the interval contains 50%)"
+        s, d = data["per_arm"]["selm"]["win_vs_start"][T], data["per_arm"]["dpo"]["win_vs_start"][T]
+        return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {_fmt(h, True)} "
+                f"over {h['n']} prompt-seed pairs ({len(data['seeds'])} seeds). Win rate vs the start model: "
+                f"SELM {_fmt(s, True)}, DPO {_fmt(d, True)}.")
+    best = max(data["arms"], key=lambda a: data["per_arm"][a]["gold"][T]["mean"] or float("-inf"))
+    return f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
+
+
+def build_report(out: Path) -> Path:
+    out = Path(out)
+    data = collect(out)
+    made = _plots(data, out / "plots")
+    T = data["iterations"]
+    lines = [f"# {data['title']}: report", "", headline(data), "",
+             "Arms: " + ", ".join(f"{a} (alpha={data['alphas'][a]:g})" for a in data["arms"]) + "; seeds: "
+             f"{', '.join(map(str, data['seeds']))}; iterations: {T}. Every figure below is computed from the run "
+             f"folders under `{out}` (numbers also in `report.json`). Intervals are 95% bootstrap intervals "
+             "that resample seeds, then prompts within a seed; ties count half.", ""]
+    lines += ["## Gold win rate vs the start model", "", "| iteration | " + " | ".join(data["arms"]) + " |",
+              "|---|" + "---|" * len(data["arms"])]
+    for t in range(0, T + 1):
+        lines.append(f"| {t} | " + " | ".join(_fmt(data["per_arm"][a]["win_vs_start"][t], True) for a in data["arms"]) + " |")
+    lines += ["", "![](plots/win_rate_vs_start.png)", ""]
+    if "head_to_head" in data:
+        lines += ["## Head to head: SELM vs DPO", "", "| iteration | SELM win rate over DPO |", "|---|---|"]
+        lines += [f"| {t} | {_fmt(h, True)} |" for t, h in enumerate(data["head_to_head"], 1)]
+        lines += ["", "![](plots/head_to_head.png)", ""]
+    lines += ["## Mean gold reward and response length", "", "| iteration | " +
+              " | ".join(f"{a} gold | {a} length" for a in data["arms"]) + " |", "|---|" + "---|---|" * len(data["arms"])]
+    for t in range(0, T + 1):
+        lines.append(f"| {t} | " + " | ".join(f"{_fmt(data['per_arm'][a]['gold'][t])} | {_fmt(data['per_arm'][a]['length'][t])}"
+                                              for a in data["arms"]) + " |")
+    lines += ["", "![](plots/reward_distribution.png)", "", "![](plots/length.png)", ""]
+    if "implicit_rewards.png" in made:
+        ir = data["implicit_rewards"]
+        lines += ["## Implicit rewards on held-out pairs (SELM minus DPO)", "", ir.get("description", ""), "",
+                  "| iteration | chosen | rejected |", "|---|---|---|"]
+        lines += [f"| {d['iteration']} | {_fmt(d['chosen'])} | {_fmt(d['rejected'])} |" for d in ir["diff"]]
+        lines += ["", "![](plots/implicit_rewards.png)", ""]
+    lines += ["## Training curves", "", "![](plots/training_curves.png)", ""]
+    if "alpha_sweep.png" in made:
+        lines += ["## Alpha sweep", "", "| alpha | mean gold reward at the last iteration | win rate vs start |", "|---|---|---|"]
+        for a in sorted(data["arms"], key=lambda a: data["alphas"][a]):
+            lines.append(f"| {data['alphas'][a]:g} | {_fmt(data['per_arm'][a]['gold'][T])} | "
+                         f"{_fmt(data['per_arm'][a]['win_vs_start'][T], True)} |")
+        lines += ["", "![](plots/alpha_sweep.png)", ""]
+    if data.get("examples"):
+        lines += ["## Example generations (first seed, last iteration)", ""]
+        for ex in data["examples"]:
+            lines += [f"**Prompt:** {ex['prompt']}", "", "| model | gold | response |", "|---|---|---|"]
+            for name in ("start", "selm", "dpo"):
+                r = ex[name]
+                text = r["response"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| {name} | {r['gold']:.3f} | {text} |")
+            lines.append("")
+    atomic_write_text(out / "report.json", json.dumps(data, indent=1))
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md"

@@ -1,0 +1,103 @@
+"""Studies: several arms (config variants) x several seeds of the online loop, side by side.
+
+The demo is a study with arms "selm" (alpha > 0) and "dpo" (alpha = 0); the alpha sweep is one arm
+per alpha. Layout::
+
+    DIR/study.json                     arms, seeds, base config
+    DIR/<arm>/seed_<s>/                an ordinary run folder (selm status works on it)
+    DIR/analysis/heldout_pairs.jsonl   held-out chosen/rejected for implicit rewards
+    DIR/analysis/implicit_rewards.json
+    DIR/report.md, DIR/plots/*.png     (selm report DIR rebuilds them)
+
+Arms differ only in training settings, so within a seed they share the start model's evaluation
+and iteration 1's generate/rank/pair stages (same model, prompts and seed give the same files):
+those are computed once and copied, not recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selm.config import ConfigError, apply_overrides, config_from_dict
+from selm.io import atomic_write_json, is_done, mark_done, read_json
+
+SHAREABLE = ("iter_0/evaluate", "iter_1/generate", "iter_1/rank", "iter_1/pair")
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def arm_config(base: dict, arm: Arm, seed: int):
+    data = apply_overrides(copy.deepcopy(base), list(arm.overrides) + [f"seed={seed}"])
+    return config_from_dict(data)
+
+
+def _training_only(overrides: list[str]) -> bool:
+    return all(o.split("=", 1)[0].startswith(("train.", "loop.learning_rates")) for o in overrides)
+
+
+def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow_config_change: bool = False,
+              title: str = "study") -> Path:
+    from tqdm.auto import tqdm
+
+    from selm.loop import run_loop, stage_count
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"title": title, "arms": [{"name": a.name, "overrides": a.overrides} for a in arms], "seeds": seeds,
+            "base": base}
+    spec_path = out / "study.json"
+    if spec_path.is_file() and read_json(spec_path) != spec and not allow_config_change:
+        raise ConfigError(f"{spec_path}: this study was started with different arms, seeds or config; "
+                          "pass --continue-with-new-config to go on with the new one")
+    atomic_write_json(spec_path, spec)
+    cfgs = {(a.name, s): arm_config(base, a, s) for a in arms for s in seeds}  # validate all before running
+    total = sum(stage_count(c) for c in cfgs.values())
+    bar = tqdm(total=total, desc=title, unit="stage", position=0)
+    for s in seeds:
+        first: Path | None = None
+        for arm in arms:
+            run_dir = out / arm.name / f"seed_{s}"
+            if first is not None and _training_only(arm.overrides) and _training_only(arms[0].overrides):
+                _share(first, run_dir)
+            first = first or run_dir
+
+            started = []
+
+            def tick(t, stage, _arm=arm.name, _s=s):
+                # Called before each stage: the previous one of this run has finished.
+                bar.update(1 if started else 0)
+                started.append(stage)
+                bar.set_postfix_str(f"{_arm} seed {_s} iter {t} {stage}")
+
+            run_loop(cfgs[(arm.name, s)], run_dir, allow_config_change=allow_config_change, on_stage=tick)
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _share(src: Path, dst: Path) -> None:
+    """Copy finished stages that do not depend on training settings (see the module docstring)."""
+    for rel in SHAREABLE:
+        a, b = src / rel, dst / rel
+        if is_done(a) and not is_done(b):
+            if b.exists():
+                shutil.rmtree(b)
+            shutil.copytree(a, b)
+    if is_done(src / "data") and not is_done(dst / "data"):
+        shutil.copytree(src / "data", dst / "data", dirs_exist_ok=True)
+    if (src / "start_model").is_dir() and not (dst / "start_model").exists():
+        shutil.copytree(src / "start_model", dst / "start_model")
+
+
+def load_study(out: Path) -> dict:
+    p = Path(out) / "study.json"
+    if not p.is_file():
+        raise ConfigError(f"{out}: not a study folder (no study.json)")
+    return read_json(p)
