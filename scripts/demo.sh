@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/selm run configs/tiny.yaml --output-dir runs/tiny "$@"
+exec .venv/bin/selm demo --output-dir runs/demo "$@"

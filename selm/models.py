@@ -36,7 +36,15 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
 
     with AtomicDir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its
+        # weights are already dequantised: rebuild a plain model from the config and copy them in.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return out
