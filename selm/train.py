@@ -158,6 +158,7 @@ def run_train(
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    t_start = time.perf_counter()
     tc = cfg.train
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     set_threads(tc.num_threads)
@@ -297,7 +298,8 @@ def run_train(
         return {"stopped_at": max_steps}
 
     accelerator.wait_for_everyone()
-    summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta}
+    summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
+               "seconds": time.perf_counter() - t_start}
     if accelerator.is_main_process:
         _save_hf(raw_model, tokenizer, stage_dir / "model")
         os.replace(partial, stage_dir / METRICS)
