@@ -60,13 +60,17 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
     cfgs = {(a.name, s): arm_config(base, a, s) for a in arms for s in seeds}  # validate all before running
     total = sum(stage_count(c) for c in cfgs.values())
     bar = tqdm(total=total, desc=title, unit="stage", position=0)
+    first_run: Path | None = None
     for s in seeds:
         first: Path | None = None
         for arm in arms:
             run_dir = out / arm.name / f"seed_{s}"
             if first is not None and _training_only(arm.overrides) and _training_only(arms[0].overrides):
                 _share(first, run_dir)
+            elif first_run is not None:
+                _share_start_eval(cfgs[(arm.name, s)], first_run, run_dir)
             first = first or run_dir
+            first_run = first_run or run_dir
 
             started = []
 
@@ -94,6 +98,24 @@ def _share(src: Path, dst: Path) -> None:
         shutil.copytree(src / "data", dst / "data", dirs_exist_ok=True)
     if (src / "start_model").is_dir() and not (dst / "start_model").exists():
         shutil.copytree(src / "start_model", dst / "start_model")
+
+
+def _share_start_eval(cfg, src: Path, dst: Path) -> None:
+    """Across seeds, the start model's GREEDY evaluation on the same held-out file is the same
+    computation; copy it instead of redoing it. (The tiny model is built from the seed: not shared.)"""
+    from selm.loop import check_config, prepare_data
+
+    if cfg.model.name_or_path == "tiny" or cfg.evaluate.temperature != 0 or not is_done(src / "iter_0" / "evaluate"):
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    check_config(cfg, dst, allow_change=False)
+    prepare_data(cfg, dst)
+    same = (src / "data" / "eval.jsonl").read_bytes() == (dst / "data" / "eval.jsonl").read_bytes()
+    b = dst / "iter_0" / "evaluate"
+    if same and not is_done(b):
+        if b.exists():
+            shutil.rmtree(b)
+        shutil.copytree(src / "iter_0" / "evaluate", b)
 
 
 def load_study(out: Path) -> dict:
