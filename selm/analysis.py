@@ -16,6 +16,8 @@ from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_json, read_jsonl
 from selm.study import arm_config, Arm, load_study
 
+HELDOUT_PROMPTS = 48
+
 
 def heldout_pairs(out: Path) -> Path:
     from selm.evaluate import score_responses
@@ -34,7 +36,9 @@ def heldout_pairs(out: Path) -> Path:
 
     set_threads(cfg.generate.num_threads)
     model_path = start_model_path(cfg, run)
-    prompts = read_jsonl(run / "data" / "eval.jsonl")
+    # 48 prompts keep the cost of scoring every trained model small (it is forward passes of each
+    # model over every pair) while giving intervals worth reading.
+    prompts = read_jsonl(run / "data" / "eval.jsonl")[:HELDOUT_PROMPTS]
     tok = load_tokenizer(model_path)
     model = load_causal_lm(model_path, cfg.model.dtype).eval()
     samples = generate(model, tok, [p["prompt"] for p in prompts], num_samples=2,
@@ -58,6 +62,8 @@ def heldout_pairs(out: Path) -> Path:
 
 
 def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Tensor]:
+    from contextlib import nullcontext
+
     from selm.logprobs import COLLATORS, ResponseLogps, batch_logps, tokenize_pairs
     from selm.models import load_causal_lm, load_tokenizer
 
@@ -67,11 +73,13 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
                         with_exploration=False)
     module = ResponseLogps(model)
     out = {"chosen": [], "rejected": []}
-    with torch.no_grad():
+    # The same layout and precision as training, so these log-probs match the ones training used.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+    with torch.no_grad(), autocast:
         for i in range(0, len(ex), cfg.train.ref_batch_size):
-            lp = batch_logps(module, COLLATORS["padded"](ex[i:i + cfg.train.ref_batch_size], tok.pad_token_id))
+            lp = batch_logps(module, COLLATORS[cfg.train.layout](ex[i:i + cfg.train.ref_batch_size], tok.pad_token_id))
             for k in out:
-                out[k].append(lp[k])
+                out[k].append(lp[k].float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
