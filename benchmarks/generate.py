@@ -38,21 +38,9 @@ from selm.io import read_jsonl  # noqa: E402
 
 
 def random_smollm2_shape(out: Path) -> Path:
-    """A randomly initialised Llama with SmolLM2-135M's shape (hence its compute per token) and the
-    tiny byte tokenizer: realistic timing with nothing downloaded. It almost never ends its turn."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from selm.tiny import save_smollm2_shaped
 
-    from selm.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_smollm2_shaped(out)
 
 
 def load_prompts(n: int) -> list[str]:

@@ -78,21 +78,9 @@ def count_params(model_dir: Path) -> int:
 
 
 def random_smollm2_shape(out: Path) -> Path:
-    """A randomly initialised Llama with SmolLM2-135M's shape and the tiny byte tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from selm.tiny import save_smollm2_shaped
 
-    from selm.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_smollm2_shaped(out)
 
 
 def find_smollm2() -> Path | None:
@@ -293,9 +281,10 @@ def op_group(name: str) -> str:
 
 
 def worker_profile(spec: dict) -> dict:
-    """Profile selm's (or TRL's) training steps with torch.profiler: the reference pass runs first,
-    unprofiled; then `prof_steps` optimizer steps are profiled (selm: run_train with a cached
-    reference and max_steps; TRL: the whole train() with max_steps)."""
+    """Profile `prof_steps` optimizer steps with torch.profiler. selm: the reference cache is built
+    first, unprofiled, then run_train(max_steps) is profiled (model loading included, reference
+    pass not). TRL: the whole worker is profiled (loading, tokenisation and the reference precompute
+    included), so read its table with that in mind."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from selm.io import atomic_write_jsonl
 from selm.chat import decode_response, end_of_turn_ids
 from selm.config import load_config
 from selm.generate import run_generate
@@ -207,7 +208,7 @@ ROWS = [
 @pytest.fixture
 def prompts_file(tmp_path):
     p = tmp_path / "prompts.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    atomic_write_jsonl(p, ROWS)
     return p
 
 

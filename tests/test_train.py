@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from selm.io import atomic_write_jsonl
 from selm.config import load_config
 from selm.train import StepPlan, lr_lambda, run_train
 
@@ -30,7 +31,7 @@ PAIRS = [
 @pytest.fixture
 def pairs_file(tmp_path):
     p = tmp_path / "pairs.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    atomic_write_jsonl(p, PAIRS)
     return p
 
 
