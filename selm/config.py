@@ -488,24 +488,18 @@ def load_yaml(path: str | os.PathLike) -> dict:
 def resolve_relative_paths(data: dict, base: Path) -> dict:
     """Paths in a config file are relative to the file, so a config works from any directory."""
 
-    def fix(section: str, key: str) -> None:
-        sec = data.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
-            p = Path(os.path.expanduser(sec[key]))
+    def fix(section: dict | None, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
+            p = Path(os.path.expanduser(section[key]))
             if not p.is_absolute() and (base / p).exists():
-                sec[key] = str((base / p).resolve())
+                section[key] = str((base / p).resolve())
 
-    fix("data", "prompts")
-    fix("data", "eval_prompts")
-    fix("model", "name_or_path")
-    fix("rank", "model")
-    ev = data.get("evaluate")
-    if isinstance(ev, dict) and isinstance(ev.get("judge"), dict):
-        j = ev["judge"]
-        if isinstance(j.get("model"), str):
-            p = Path(j["model"])
-            if not p.is_absolute() and (base / p).exists():
-                j["model"] = str((base / p).resolve())
+    fix(data.get("data"), "prompts")
+    fix(data.get("data"), "eval_prompts")
+    fix(data.get("model"), "name_or_path")
+    fix(data.get("rank"), "model")
+    evaluate = data.get("evaluate")
+    fix(evaluate.get("judge") if isinstance(evaluate, dict) else None, "model")
     return data
 
 

@@ -114,11 +114,12 @@ def _examples(out: Path, seed: int, T: int, n: int = 3) -> list[dict]:
 
 
 def _fmt(s: dict, pct: bool = False) -> str:
+    """"mean [lo, hi]", as percentages (one decimal) or raw values (three decimals)."""
     if s.get("mean") is None:
         return "n/a"
-    k = 100 if pct else 1
-    return f"{s['mean'] * k:.1f}{'%' if pct else ''} [{s['ci95'][0] * k:.1f}, {s['ci95'][1] * k:.1f}]" if pct else \
-        f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+    if pct:
+        return f"{s['mean'] * 100:.1f}% [{s['ci95'][0] * 100:.1f}, {s['ci95'][1] * 100:.1f}]"
+    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
 
 
 def _plots(data: dict, plots: Path) -> list[str]:

@@ -111,7 +111,7 @@ def reference_logps(module: ResponseLogps, examples, cfg: TrainConfig, collate, 
     return out
 
 
-def _save_hf(model, tokenizer, dest: Path, dtype: torch.dtype | None = None) -> None:
+def _save_hf(model, tokenizer, dest: Path) -> None:
     with AtomicDir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
