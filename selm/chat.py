@@ -91,15 +91,18 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
 
 
 def encode_response(
-    tokenizer, messages: Messages, response: str, prompt: str | None = None, stop_ids: Sequence[int] = ()
+    tokenizer, messages: Messages, response: str, prompt: str | None = None, stop_ids: Sequence[int] = (),
+    finished: bool = True,
 ) -> list[int]:
     """Response token ids, ending with the end-of-turn token. Whatever a template writes after it
-    (e.g. a newline) is dropped: generation stops at that token, so training must too."""
+    (e.g. a newline) is dropped: generation stops at that token, so training must too. A response
+    that was cut at the generation limit (finished=False) ends before the end-of-turn token: the
+    model never chose to stop there."""
     ids = tokenizer(response_suffix_text(tokenizer, messages, response, prompt), add_special_tokens=False)["input_ids"]
     stop = set(stop_ids)
     for i, t in enumerate(ids):
         if t in stop:
-            return ids[: i + 1]
+            return ids[: i + int(finished)] or ids[: i + 1]
     return ids
 
 

@@ -157,6 +157,14 @@ class PairConfig:
     min_margin: float = 0.0
     """Keep a pair only if score(best) - score(worst) > min_margin; the rest are ties, dropped and
     counted."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of a candidate that was cut at generate.max_new_tokens before its
+    end-of-turn token (as TRL's online trainers do), so that a ranker that likes long answers cannot
+    make cut-off answers the chosen ones. null: no penalty. The pair keeps the ranker's raw scores."""
+
+    def __post_init__(self):
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            raise ConfigError("pair.missing_eos_penalty: must be >= 0 (or null)")
 
 
 @dataclass

@@ -6,6 +6,8 @@ Pair record (the training stage's input; TRL's conversational preference format 
      "exploration": ...}
 
 ``exploration`` is y0, the reference model's own response; it may be absent only when alpha = 0.
+Optional ``finished_chosen`` / ``finished_rejected`` / ``finished_exploration`` (bool, default true):
+false marks a response cut at the generation limit, which is trained without an end-of-turn token.
 Files may be JSONL, Parquet, or a `datasets` folder (save_to_disk). Errors name the file and row.
 """
 
@@ -26,6 +28,8 @@ class PairRecord:
     rejected: str
     exploration: str | None = None
     prompt_id: str | None = None
+    finished: tuple[bool, bool, bool] = (True, True, True)
+    """Whether chosen, rejected and exploration ended with the end of turn (False: cut at the limit)."""
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -81,7 +85,16 @@ def pair_from_row(row: dict, where: str, *, need_exploration: bool) -> PairRecor
     else:
         exploration = _response(exploration, messages, f"{where}: field 'exploration'")
     pid = row.get("prompt_id")
-    return PairRecord(messages, chosen, rejected, exploration, str(pid) if pid is not None else None)
+    finished = []
+    for key in ("finished_chosen", "finished_rejected", "finished_exploration"):
+        value = row.get(key, True)
+        if value is None:
+            value = True
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: field {key!r}: expected true or false, got {value!r}")
+        finished.append(value)
+    return PairRecord(messages, chosen, rejected, exploration, str(pid) if pid is not None else None,
+                      tuple(finished))
 
 
 def _response(value: Any, prompt: Messages, where: str) -> str:

@@ -1,9 +1,10 @@
 """The evaluate stage: generate on held-out prompts with an iteration's model and score the
 responses with the GOLD judge (configured apart from the training ranker).
 
-Writes stage_dir/generations.jsonl ({prompt_id, prompt, response, gold}), metrics.json (mean gold
-reward with a bootstrap 95% interval, mean response length, win rates against baseline evaluations
-with ties counting half) and DONE.json last.
+Writes stage_dir/generations.jsonl ({prompt_id, prompt, response, gold, length_tokens, finished}),
+metrics.json (mean gold reward with a bootstrap 95% interval, mean response length, the fraction cut
+at evaluate.max_new_tokens, win rates against baseline evaluations with ties counting half) and
+DONE.json last.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.generation import generate
+    from selm.generation import HFGenerator, SamplingParams
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
     ev = cfg.evaluate
@@ -52,22 +53,24 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     greedy = ev.temperature == 0
-    responses = generate(model, tokenizer, [p["prompt"] for p in prompts], num_samples=1,
-                         temperature=ev.temperature if not greedy else 1.0, top_p=1.0,
-                         max_new_tokens=ev.max_new_tokens, greedy=greedy, batch_size=ev.batch_size,
-                         seed=seed, progress="evaluate: generate")
+    params = SamplingParams(num_samples=0 if greedy else 1, temperature=ev.temperature if not greedy else 1.0,
+                            top_p=1.0, max_new_tokens=ev.max_new_tokens, include_greedy=greedy, seed=seed)
+    samples = [r[0] for r in HFGenerator(model, tokenizer, ev.batch_size).generate(
+        [p["prompt"] for p in prompts], params, "evaluate: generate")]
     del model
-    texts = [r[0] for r in responses]
+    texts = [s.text for s in samples]
     gold = score_responses(cfg, [p["prompt"] for p in prompts], texts)
-    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": t, "gold": g,
-             "length_tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"])}
-            for p, t, g in zip(prompts, texts, gold)]
+    # finished=False: cut at evaluate.max_new_tokens before the end of turn.
+    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": s.text, "gold": g,
+             "length_tokens": len(tokenizer(s.text, add_special_tokens=False)["input_ids"]), "finished": s.finished}
+            for p, s, g in zip(prompts, samples, gold)]
     golds = [r["gold"] for r in rows]
     metrics = {
         "prompts": len(rows), "gold_mean": mean(golds),
         "gold_ci95": list(bootstrap_ci(golds, samples=ev.bootstrap_samples, seed=seed)),
         "length_tokens_mean": mean([r["length_tokens"] for r in rows]),
         "length_chars_mean": mean([len(r["response"]) for r in rows]),
+        "cut_off_fraction": mean([float(not r["finished"]) for r in rows]),
         "win_rates": {name: compare(rows, Path(d), ev.bootstrap_samples, seed) for name, d in (baselines or {}).items()},
     }
     stage_dir = Path(stage_dir)

@@ -5,10 +5,14 @@ Input: prompts.jsonl rows {"prompt_id", "prompt": [messages], "chosen": str|null
 (chosen/rejected are the dataset's own responses, when it has them).
 Output, in stage_dir:
   generations.jsonl  one row per prompt, in input order:
-                     {"prompt_id", "prompt", "candidates": [str], "sources": [str], "exploration": y0}
+                     {"prompt_id", "prompt", "candidates": [str], "sources": [str], "finished": [bool],
+                      "exploration": y0, "exploration_finished": bool}
                      candidates are the k samples ("sample"), then y0 ("greedy" or "explore_sample")
                      if generate.exploration_as_candidate, then the dataset's pair ("dataset_chosen",
                      "dataset_rejected") if generate.use_dataset_pair and the row has them;
+                     finished[i] is False when candidate i was cut at max_new_tokens (it never reached
+                     the end-of-turn token; the pair stage may penalise it, and training does not
+                     append an end of turn to it); the dataset's responses count as finished;
   stats.json         counts, mean response length, truncation rate (deterministic, like the outputs);
   DONE.json          written last: the stats plus timing (seconds, samples/s and tokens/s, where a
                      "sample" is any generated response, y0 included).
@@ -53,18 +57,21 @@ def read_prompt_rows(path: Path) -> list[dict]:
     return rows
 
 
-def candidates_of(row: dict, samples: list[str], y0: str, y0_source: str, cfg) -> tuple[list[str], list[str]]:
-    """The responses to rank for one prompt and where each came from (parallel lists)."""
-    cands, sources = list(samples), ["sample"] * len(samples)
+def candidates_of(row: dict, samples: list, y0, y0_source: str, cfg) -> tuple[list[str], list[str], list[bool]]:
+    """The responses to rank for one prompt, where each came from and whether it finished (parallel
+    lists). samples and y0 are generation Samples (text, finished)."""
+    cands, sources, finished = [s.text for s in samples], ["sample"] * len(samples), [s.finished for s in samples]
     if cfg.exploration_as_candidate:
-        cands.append(y0)
+        cands.append(y0.text)
         sources.append(y0_source)
+        finished.append(y0.finished)
     if cfg.use_dataset_pair:
         for key in ("chosen", "rejected"):
             if row.get(key) is not None:
                 cands.append(row[key])
                 sources.append(f"dataset_{key}")
-    return cands, sources
+                finished.append(True)
+    return cands, sources, finished
 
 
 def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *, seed: int) -> dict:
@@ -91,10 +98,10 @@ def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     y0_source = "explore_sample" if explore_sample else "greedy"
     records = []
     for row, out in zip(rows, outputs):
-        samples, y0 = [s.text for s in out[:k]], out[k].text
-        cands, sources = candidates_of(row, samples, y0, y0_source, gc)
+        cands, sources, finished = candidates_of(row, out[:k], out[k], y0_source, gc)
         records.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"], "candidates": cands,
-                        "sources": sources, "exploration": y0})
+                        "sources": sources, "finished": finished, "exploration": out[k].text,
+                        "exploration_finished": out[k].finished})
 
     generated = [s for out in outputs for s in out]
     n_tokens = sum(s.num_tokens for s in generated)

@@ -51,8 +51,9 @@ def tokenize_pairs(
         prompt_ids = encode_prompt(tokenizer, p.prompt)
         texts = [p.chosen, p.rejected] + ([p.exploration or ""] if with_exploration else [])
         responses = []
-        for text in texts:
-            r = encode_response(tokenizer, p.prompt, text, ptext, stop)
+        for text, finished in zip(texts, p.finished):
+            # A response cut at the generation limit is not a finished turn: no end-of-turn token.
+            r = encode_response(tokenizer, p.prompt, text, ptext, stop, finished=finished)
             trunc_prompt, r = truncate(prompt_ids, r, max_length=max_length, max_prompt_length=max_prompt_length)
             responses.append(r)
         out.append(TokenizedExample(trunc_prompt, responses))

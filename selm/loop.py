@@ -140,7 +140,8 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
         from selm.pair import run_pair
 
         _fresh(sd)
-        stats = run_pair(stage_dir(out, t, "rank") / "scores.jsonl", sd, min_margin=cfg.pair.min_margin)
+        stats = run_pair(stage_dir(out, t, "rank") / "scores.jsonl", sd, min_margin=cfg.pair.min_margin,
+                         missing_eos_penalty=cfg.pair.missing_eos_penalty)
         if stats["pairs"] == 0:
             raise InputError(f"{sd}: iteration {t} produced no preference pairs "
                              f"({stats['ties_dropped']} ties); lower pair.min_margin or add candidates")

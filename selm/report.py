@@ -33,9 +33,9 @@ def collect(out: Path) -> dict:
                   "alphas": {a["name"]: _alpha_of(a, study["base"]) for a in study["arms"]}}
     per_arm = {}
     for arm in arms:
-        rows = {"win_vs_start": [], "gold": [], "length": [], "gold_all": []}
+        rows = {"win_vs_start": [], "gold": [], "length": [], "cut_off": [], "gold_all": []}
         for t in range(0, T + 1):
-            wins, golds, lengths = [], [], []
+            wins, golds, lengths, cut = [], [], [], []
             for s in seeds:
                 run = out / arm / f"seed_{s}"
                 cur, start = _eval_rows(run, t), _eval_rows(run, 0)
@@ -45,9 +45,11 @@ def collect(out: Path) -> dict:
                 wins.append(outcomes([cur[i]["gold"] for i in ids], [start[i]["gold"] for i in ids]))
                 golds.append([cur[i]["gold"] for i in ids])
                 lengths.append([cur[i]["length_tokens"] for i in ids])
+                cut.append([float(not cur[i].get("finished", True)) for i in ids])
             rows["win_vs_start"].append(_summary(wins))
             rows["gold"].append(_summary(golds))
             rows["length"].append(_summary(lengths))
+            rows["cut_off"].append(_summary(cut))
             rows["gold_all"].append([g for grp in golds for g in grp])
         rows["curves"] = _curves(out / arm / f"seed_{seeds[0]}", T)
         per_arm[arm] = rows
@@ -253,11 +255,14 @@ def build_report(out: Path) -> Path:
         lines += ["## Head to head: SELM vs DPO", "", "| iteration | SELM win rate over DPO |", "|---|---|"]
         lines += [f"| {t} | {_fmt(h, True)} |" for t, h in enumerate(data["head_to_head"], 1)]
         lines += ["", "![](plots/head_to_head.png)", ""]
-    lines += ["## Mean gold reward and response length", "", "| iteration | " +
-              " | ".join(f"{a} gold | {a} length" for a in data["arms"]) + " |", "|---|" + "---|---|" * len(data["arms"])]
+    lines += ["## Mean gold reward, response length and answers cut off", "",
+              "Cut off: the share of evaluation answers that hit evaluate.max_new_tokens before ending.", "",
+              "| iteration | " + " | ".join(f"{a} gold | {a} length | {a} cut off" for a in data["arms"]) + " |",
+              "|---|" + "---|---|---|" * len(data["arms"])]
     for t in range(0, T + 1):
-        lines.append(f"| {t} | " + " | ".join(f"{_fmt(data['per_arm'][a]['gold'][t])} | {_fmt(data['per_arm'][a]['length'][t])}"
-                                              for a in data["arms"]) + " |")
+        lines.append(f"| {t} | " + " | ".join(
+            f"{_fmt(data['per_arm'][a]['gold'][t])} | {_fmt(data['per_arm'][a]['length'][t])} | "
+            f"{_fmt(data['per_arm'][a]['cut_off'][t], True)}" for a in data["arms"]) + " |")
     lines += ["", "![](plots/reward_distribution.png)", "", "![](plots/length.png)", ""]
     if "implicit_rewards.png" in made:
         ir = data["implicit_rewards"]

@@ -30,7 +30,7 @@ def test_report_files_and_sections(demo):
     assert report == out / "report.md"
     text = report.read_text()
     for section in ("Gold win rate vs the start model", "Head to head: SELM vs DPO", "Implicit rewards on held-out",
-                    "Training curves", "Example generations", "Mean gold reward and response length"):
+                    "Training curves", "Example generations", "Mean gold reward, response length and answers cut off"):
         assert section in text, section
     assert any(v in text for v in ("SELM beat iterative DPO", "iterative DPO beat SELM", "no clear difference"))
     for png in ("win_rate_vs_start.png", "head_to_head.png", "reward_distribution.png", "implicit_rewards.png",
@@ -58,6 +58,11 @@ def test_report_numbers_come_from_the_runs(demo):
     lo, hi = data["head_to_head"][1]["ci95"]
     assert lo <= data["head_to_head"][1]["mean"] <= hi
     assert data["per_arm"]["dpo"]["win_vs_start"][0]["mean"] == 0.5  # the start model vs itself: all ties
+    # The cut-off share: evaluation answers that used every one of evaluate.max_new_tokens.
+    rows = [json.loads(l) for s in (0, 1)
+            for l in (out / "dpo" / f"seed_{s}" / "iter_1" / "evaluate" / "generations.jsonl").read_text().splitlines()]
+    cut = data["per_arm"]["dpo"]["cut_off"][1]["mean"]
+    assert cut == pytest.approx(sum(not r["finished"] for r in rows) / len(rows))
 
 
 def test_arms_share_only_training_independent_stages(demo):

@@ -231,8 +231,13 @@ def test_stage_writes_candidates_and_sources(talky_dir, talky, prompts_file, tmp
     assert rows[2]["prompt"] == [{"role": "user", "content": "Count to three."}]
     for r in rows:
         assert len(r["candidates"]) == len(r["sources"]) and r["candidates"][2] == r["exploration"]
-    # y0 is the greedy response of the start model.
+        assert len(r["finished"]) == len(r["candidates"]) and r["finished"][2] == r["exploration_finished"]
+        assert all(r["finished"][3:])  # the dataset's own responses count as finished
+    # The flags are the generator's (stats count the same ones), and with 16 new tokens both occur.
+    flags = [f for r in rows for f in r["finished"][:3]]
+    assert stats["truncated_fraction"] == flags.count(False) / 9 and True in flags and False in flags
     model, tok = talky
+    # y0 is the greedy response of the start model.
     greedy = run(model, tok, prompts=[r["prompt"] for r in ROWS], greedy=True, max_new_tokens=16)
     assert [r["exploration"] for r in rows] == [g[0] for g in greedy]
     assert stats["prompts"] == 3 and stats["samples"] == 6 and stats["responses"] == 9 and stats["candidates"] == 13
