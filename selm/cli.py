@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the online loop for each alpha (0 = iterative DPO) and seed, then report gold "
                        "reward against alpha with 95% intervals (the paper's ablation).")
     p.add_argument("config", nargs="?", type=Path, default=None, help="base config (default: the packaged demo config)")
-    p.add_argument("--alphas", default="0,1e-4,1e-3,1e-2", help="comma-separated alphas (default: 0,1e-4,1e-3,1e-2)")
+    p.add_argument("--alphas", default="0,1e-3,1e-2,1e-1", help="comma-separated alphas (default: 0,1e-3,1e-2,1e-1)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
     p.add_argument("--quick", action="store_true", help="use the demo's quick sizes")
     p.add_argument("--output-dir", type=Path, default=Path("runs/sweep"), help="study folder (default: runs/sweep)")

@@ -229,8 +229,9 @@ def headline(data: dict) -> str:
         else:
             verdict = "no clear difference between SELM and iterative DPO (the interval contains 50%)"
         s, d = data["per_arm"]["selm"]["win_vs_start"][T], data["per_arm"]["dpo"]["win_vs_start"][T]
+        n_seeds = len(data["seeds"])
         return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {_fmt(h, True)} "
-                f"over {h['n']} prompt-seed pairs ({len(data['seeds'])} seeds). Win rate vs the start model: "
+                f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}). Win rate vs the start model: "
                 f"SELM {_fmt(s, True)}, DPO {_fmt(d, True)}.")
     best = max(data["arms"], key=lambda a: data["per_arm"][a]["gold"][T]["mean"] or float("-inf"))
     return f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
