@@ -9,7 +9,8 @@ A tokenised example is a prompt and up to three responses. Two layouts feed the 
 
 Both produce a ``LogpBatch`` that says, for every response token, which row and position's hidden
 state predicts it. Only those hidden states go through the LM head, so the (tokens x vocab) logits
-of prompt and padding positions are never built.
+of prompt and padding positions are never built, and the head walks the vocabulary in chunks
+(selm/lmhead.py), so not even the response positions' logits are alive all at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from selm.chat import encode_prompt, encode_response, end_of_turn_ids, prompt_text
 from selm.data import PairRecord
+from selm.lmhead import token_logps as chunked_token_logps
 
 KINDS = ("chosen", "rejected", "explore")
 
@@ -168,11 +170,16 @@ class ResponseLogps(nn.Module):
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state  # (R, T, H)
         h = hidden[src_row, src_pos]  # (M, H)
-        logits = self.model.get_output_embeddings()(h).float()  # (M, V)
+        head = self.model.get_output_embeddings()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        token_logps = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+        if getattr(head, "bias", None) is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+            # Vocabulary-chunked: the (M, V) logits are never all alive (selm/lmhead.py).
+            token_logps = chunked_token_logps(h, head.weight, target, softcap=cap)  # (M,)
+        else:  # a head with a bias (rare): the plain path
+            logits = head(h).float()  # (M, V)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            token_logps = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         return torch.zeros(num_seqs, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seq, token_logps)
 
 

@@ -153,3 +153,23 @@ def set_threads(num_threads: int | None) -> None:
 
     if torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve allocations above threshold_bytes with their own mmap, so freed tensors go back to the
+    OS at once. glibc otherwise raises its mmap threshold as large blocks are freed and keeps them
+    in the heap: a training process then holds ~1 GB of freed logits and activations as resident
+    memory (notes/train_benchmark.md). Same effect as MALLOC_MMAP_THRESHOLD_ set before start.
+    Returns False where this is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # from <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return False

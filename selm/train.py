@@ -38,7 +38,7 @@ from selm.data import load_pairs
 from selm.io import AtomicDir, InputError, atomic_write_json, clean_stale_temporaries, mark_done, sha256_file, sha256_json
 from selm.logprobs import COLLATORS, KINDS, ResponseLogps, batch_logps, tokenize_pairs
 from selm.losses import preference_objective
-from selm.models import load_causal_lm, load_tokenizer, set_threads
+from selm.models import load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
 
 METRICS = "metrics.jsonl"
 REF_CACHE = "ref_logps.safetensors"
@@ -162,6 +162,8 @@ def run_train(
     tc = cfg.train
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     set_threads(tc.num_threads)
+    if tc.release_memory:
+        return_freed_memory_to_os()
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(stage_dir)
