@@ -207,10 +207,10 @@ class TrainConfig:
     """Run forward passes under bfloat16 autocast (weights and optimizer stay in the loaded dtype)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    release_memory: bool = True
+    release_memory: bool = False
     """Linux/glibc: allocations above 1 MB get their own mmap, so freed activations and logits go back
-    to the OS instead of staying resident (SmolLM2-135M with checkpointing: 3.9 -> 2.8 GB peak;
-    BENCHMARKS.md). Turn off to compare."""
+    to the OS instead of staying resident. With gradient_checkpointing this is the low-memory mode
+    (SmolLM2-135M, batch 8: 6.6 -> 2.8 GB peak) at ~1.4x the time (the page faults; BENCHMARKS.md)."""
     ref_batch_size: int = 16
     """Pairs per no-grad batch when precomputing reference log-probs."""
     save_every_steps: int = 0
