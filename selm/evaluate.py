@@ -43,7 +43,7 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.generation import HFGenerator, SamplingParams
+    from selm.generation import generate_samples
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
     ev = cfg.evaluate
@@ -53,10 +53,10 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     greedy = ev.temperature == 0
-    params = SamplingParams(num_samples=0 if greedy else 1, temperature=ev.temperature if not greedy else 1.0,
-                            top_p=1.0, max_new_tokens=ev.max_new_tokens, include_greedy=greedy, seed=seed)
-    samples = [r[0] for r in HFGenerator(model, tokenizer, ev.batch_size).generate(
-        [p["prompt"] for p in prompts], params, "evaluate: generate")]
+    samples = [r[0] for r in generate_samples(
+        model, tokenizer, [p["prompt"] for p in prompts], num_samples=1,
+        temperature=ev.temperature if not greedy else 1.0, top_p=1.0, max_new_tokens=ev.max_new_tokens,
+        greedy=greedy, batch_size=ev.batch_size, seed=seed, progress="evaluate: generate")]
     del model
     texts = [s.text for s in samples]
     gold = score_responses(cfg, [p["prompt"] for p in prompts], texts)

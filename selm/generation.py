@@ -367,12 +367,16 @@ def build_generator(backend: str, model_path: str | Path, *, dtype: str = "float
     return HFGenerator(model.to(device), tokenizer, batch_size)
 
 
-def generate(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,
-             top_p: float, max_new_tokens: int, greedy: bool, batch_size: int, seed: int,
-             progress: str | None = None) -> list[list[str]]:
-    """Responses as text, one list per prompt in input order: `num_samples` samples, or with
-    greedy=True one greedy response (num_samples and temperature are then ignored)."""
+def generate_samples(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,
+                     top_p: float, max_new_tokens: int, greedy: bool, batch_size: int, seed: int,
+                     progress: str | None = None) -> list[list[Sample]]:
+    """Samples (text, finished, ...), one list per prompt in input order: `num_samples` samples, or
+    with greedy=True one greedy response (num_samples and temperature are then ignored)."""
     params = SamplingParams(num_samples=0 if greedy else num_samples, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, include_greedy=greedy, seed=seed)
-    out = HFGenerator(model, tokenizer, batch_size).generate(prompts, params, progress)
-    return [[s.text for s in row] for row in out]
+    return HFGenerator(model, tokenizer, batch_size).generate(prompts, params, progress)
+
+
+def generate(model, tokenizer, prompts: Sequence[Messages | str], **kwargs) -> list[list[str]]:
+    """generate_samples, as text only."""
+    return [[s.text for s in row] for row in generate_samples(model, tokenizer, prompts, **kwargs)]
