@@ -173,3 +173,14 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
+
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off under the name this transformers version uses
+    (5.x renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*``)."""
+    verb = "enable" if enabled else "disable"
+    for name in (f"activation_checkpointing_{verb}", f"gradient_checkpointing_{verb}"):
+        if hasattr(model, name):
+            getattr(model, name)()
+            return
+    raise TypeError(f"{type(model).__name__} supports no activation checkpointing")

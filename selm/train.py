@@ -38,7 +38,7 @@ from selm.data import load_pairs
 from selm.io import AtomicDir, InputError, atomic_write_json, clean_stale_temporaries, mark_done, sha256_file, sha256_json
 from selm.logprobs import COLLATORS, KINDS, ResponseLogps, batch_logps, tokenize_pairs
 from selm.losses import preference_objective
-from selm.models import load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
+from selm.models import load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_checkpointing, set_threads
 
 METRICS = "metrics.jsonl"
 REF_CACHE = "ref_logps.safetensors"
@@ -188,7 +188,7 @@ def run_train(
     model.to(device)
     model.config.use_cache = False
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        set_checkpointing(model, True)
     module = ResponseLogps(model)
 
     # --- reference log-probs: once, before training, cached by everything they depend on ---------

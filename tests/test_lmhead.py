@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selm.lmhead import token_logps
+from selm.lmhead import chunk_width, token_logps
 
 
 def plain(h, w, target, cap=None):
@@ -14,7 +14,7 @@ def plain(h, w, target, cap=None):
 
 
 @pytest.mark.parametrize("cap", [None, 3.0])
-@pytest.mark.parametrize("chunk", [7, 64, 1000])  # uneven last chunk, several, one chunk
+@pytest.mark.parametrize("chunk", [7, 64, 1000, None])  # uneven last chunk, several, one chunk, the default
 def test_values_and_gradients_equal_the_plain_path(cap, chunk):
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(13, 16, generator=g, dtype=torch.float64)
@@ -47,3 +47,16 @@ def test_bf16_autocast_matches_the_plain_head_under_autocast():
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=2e-2)
     ours.sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_chunk_width_keeps_cpu_blocks_small_and_aligned():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # A SmolLM2-135M micro-batch: ~2 M-element fp32 blocks (8 MB), not 4,096 columns (37 MB).
+    assert chunk_width(2269, 49152, cpu) == 1024
+    assert chunk_width(4538, 49152, cpu) == 512  # twice the rows, half the columns
+    for rows in (1, 100, 2269, 10_000, 1_000_000):
+        w = chunk_width(rows, 49152, cpu)
+        assert w % 256 == 0 and 256 <= w <= 49152
+    assert chunk_width(1_000_000, 49152, cpu) == 256  # never below 256 columns
+    assert chunk_width(1, 300, cpu) == 300  # never wider than the vocabulary
+    assert chunk_width(2269, 128_256, cuda) > chunk_width(2269, 128_256, cpu)  # fewer kernel launches
