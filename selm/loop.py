@@ -82,6 +82,7 @@ def prepare_data(cfg: Config, out: Path) -> Path:
     from selm.data import load_prompts, split_prompts
 
     d = Path(out) / "data"
+    clean_stale_temporaries(d)
     if is_done(d):
         return d
     if not cfg.data.prompts:
@@ -190,6 +191,9 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
     out = Path(out)
     on_stage = on_stage or (lambda t, stage: None)
     out.mkdir(parents=True, exist_ok=True)
+    # A run killed while writing the start model or config.yaml leaves its temporary behind here;
+    # the stages clean their own folders.
+    clean_stale_temporaries(out)
     check_config(cfg, out, allow_config_change)
     prepare_data(cfg, out)
     evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0

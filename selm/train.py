@@ -214,8 +214,9 @@ def run_train(
                 ref_model = load_causal_lm(ref_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
                 ref = reference_logps(ResponseLogps(ref_model), examples, tc, collate, pad_id, device, autocast)
                 del ref_model  # never held during training
-            save_file({k: v.contiguous() for k, v in ref.items()}, str(cache) + ".tmp", metadata={"key": key})
-            os.replace(str(cache) + ".tmp", cache)
+            tmp = cache.with_name(f".{cache.name}.tmp")  # the name clean_stale_temporaries removes
+            save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp), metadata={"key": key})
+            os.replace(tmp, cache)
         accelerator.wait_for_everyone()
         ref = load_file(str(cache))
 
