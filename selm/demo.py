@@ -12,7 +12,7 @@ from selm.config import apply_overrides, load_yaml, resolve_relative_paths
 
 PACKAGED = Path(__file__).parent / "configs" / "demo.yaml"
 # The demo's --quick sizes: one seed, fewer prompts and tokens (measured to fit in 3 minutes; README).
-QUICK = ["data.max_prompts=32", "data.max_eval_prompts=24", "generate.max_new_tokens=32", "evaluate.max_new_tokens=32"]
+QUICK = ["data.max_prompts=24", "data.max_eval_prompts=16", "generate.max_new_tokens=32", "evaluate.max_new_tokens=32"]
 
 
 def _base(config: Path | None, quick: bool, overrides: list[str]) -> dict:
