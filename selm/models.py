@@ -200,11 +200,10 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
         return False
 
 
-def set_checkpointing(model, enabled: bool) -> None:
-    """Turn activation (gradient) checkpointing on or off under the name this transformers version uses
-    (5.x renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*``)."""
-    verb = "enable" if enabled else "disable"
-    for name in (f"activation_checkpointing_{verb}", f"gradient_checkpointing_{verb}"):
+def enable_checkpointing(model) -> None:
+    """Turn on activation (gradient) checkpointing under the name this transformers version uses
+    (5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``)."""
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         if hasattr(model, name):
             getattr(model, name)()
             return

@@ -35,10 +35,11 @@ import torch
 
 from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
-from selm.io import AtomicDir, InputError, atomic_write_json, clean_stale_temporaries, mark_done, sha256_file, sha256_json
+from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
+                     sha256_file, sha256_json)
 from selm.logprobs import COLLATORS, KINDS, ResponseLogps, batch_logps, tokenize_pairs
 from selm.losses import preference_objective
-from selm.models import load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_checkpointing, set_threads
+from selm.models import enable_checkpointing, load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
 
 METRICS = "metrics.jsonl"
 REF_CACHE = "ref_logps.safetensors"
@@ -155,7 +156,7 @@ def run_train(
     ref_logps.safetensors, DONE.json}. Resumes from stage_dir/checkpoint if present.
     `max_steps` stops early (for tests that simulate a crash)."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -188,7 +189,7 @@ def run_train(
     model.to(device)
     model.config.use_cache = False
     if tc.gradient_checkpointing:
-        set_checkpointing(model, True)
+        enable_checkpointing(model)
     module = ResponseLogps(model)
 
     # --- reference log-probs: once, before training, cached by everything they depend on ---------
@@ -214,9 +215,7 @@ def run_train(
                 ref_model = load_causal_lm(ref_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
                 ref = reference_logps(ResponseLogps(ref_model), examples, tc, collate, pad_id, device, autocast)
                 del ref_model  # never held during training
-            tmp = cache.with_name(f".{cache.name}.tmp")  # the name clean_stale_temporaries removes
-            save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp), metadata={"key": key})
-            os.replace(tmp, cache)
+            atomic_write_bytes(cache, save({k: v.contiguous() for k, v in ref.items()}, metadata={"key": key}))
         accelerator.wait_for_everyone()
         ref = load_file(str(cache))
 
