@@ -210,7 +210,7 @@ class TrainConfig:
     release_memory: bool = False
     """Linux/glibc: allocations above 1 MB get their own mmap, so freed activations and logits go back
     to the OS instead of staying resident. With gradient_checkpointing this is the low-memory mode
-    (SmolLM2-135M, batch 8: 6.6 -> 2.8 GB peak) at ~1.4x the time (the page faults; BENCHMARKS.md)."""
+    (SmolLM2-135M, batch 8: 6.6 -> 2.8 GB peak) at 1.2-1.9x the time (the page faults; BENCHMARKS.md)."""
     ref_batch_size: int = 16
     """Pairs per no-grad batch when precomputing reference log-probs."""
     save_every_steps: int = 0
