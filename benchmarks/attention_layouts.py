@@ -5,7 +5,7 @@ for the two layouts' attention shapes, side by side in one process.
 
 Shapes: SmolLM2-135M's attention (9 heads of 64) on a micro-batch of 8 pairs, prompt ~88 and three
 responses ~100 tokens (max). "prefix": one (8 x 390) row per pair with the block mask of
-selm/logprobs.py; "cache": the prompts once (8 x 88, causal), then 24 response rows of 120 queries
+selm/objective/logprobs.py; "cache": the prompts once (8 x 88, causal), then 24 response rows of 120 queries
 over 88 cached + 120 own keys. The cache layout does half the (query, key) pairs, but PyTorch's
 CPU flash kernel is slow on short sequences, so it does not win (notes/train_benchmark.md).
 Prints medians per layer and ``ratio=<prefix time / cache time>`` (> 1: the cache layout is faster).

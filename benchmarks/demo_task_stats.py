@@ -6,8 +6,8 @@ agreement (figures in notes/demo_task.md). Needs scipy and the converted demo mo
 import json, time, itertools
 from pathlib import Path
 from selm.models import load_causal_lm, load_tokenizer, set_threads
-from selm.generation import generate
-from selm.demo_task import train_ranker, gold_judge, on_topic
+from selm.engines.generation import generate
+from selm.studies.demo_task import train_ranker, gold_judge, on_topic
 set_threads(1)
 from selm.config import ModelConfig
 from selm.models import materialize_model

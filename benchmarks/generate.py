@@ -6,7 +6,7 @@
 One process, one model, the same prompts, k, temperature, top_p, max_new_tokens and thread count.
 Variants run alternately (their order rotates every repeat) so that machine noise hits all alike:
 
-- ours:      selm.generation (length-grouped batches, one prefill per prompt, own decode loop);
+- ours:      selm.engines.generation (length-grouped batches, one prefill per prompt, own decode loop);
 - naive:     one `model.generate(num_return_sequences=k)` call per prompt;
 - hf-batched (unless --no-hf-batched): `model.generate` on the same length-grouped, left-padded
   batches (it prefills each prompt k times and keeps finished rows) - the "why not just use
@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from selm.chat import end_of_turn_ids  # noqa: E402
-from selm.generation import HFGenerator, SamplingParams, encode_for_generation, left_pad  # noqa: E402
+from selm.engines.generation import HFGenerator, SamplingParams, encode_for_generation, left_pad  # noqa: E402
 from selm.io import read_jsonl  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from selm.lmhead import chunk_width, token_logps
+from selm.objective.lmhead import chunk_width, token_logps
 
 
 def main() -> None:

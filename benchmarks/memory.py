@@ -9,7 +9,7 @@
 says nothing about the target). random-smollm2-135m is a randomly initialised Llama of SmolLM2-135M's
 shape (same parameter, optimizer and activation memory; byte tokenizer).
 
-The child process runs ``selm.train.run_train`` for --steps optimizer steps (max_steps, so the final
+The child process runs ``selm.stages.train.run_train`` for --steps optimizer steps (max_steps, so the final
 model save is not part of the figure) and reads its peak RSS (VmHWM in /proc/self/status) at three
 points: after loading the model, after the reference log-prob pass, and at the end. VmHWM is reset
 (/proc/self/clear_refs) after the reference pass so that the training phase has its own figure. The
@@ -58,7 +58,7 @@ def reset_hwm() -> bool:
 
 
 def child(spec: dict) -> dict:
-    import selm.train as tr
+    import selm.stages.train as tr
     from selm.config import load_config
 
     marks: dict[str, float] = {}

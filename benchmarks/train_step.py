@@ -9,7 +9,7 @@ both sides. Every (variant, repeat) runs in its own fresh subprocess with OMP_NU
 thread pool and memory), and the variants run alternately, their order rotating every repeat, so
 that machine noise hits them alike. Variants:
 
-- selm@T: ``selm.train.run_train`` on the pairs file (alpha > 0, so every pair also carries its
+- selm@T: ``selm.stages.train.run_train`` on the pairs file (alpha > 0, so every pair also carries its
   exploration response: chosen + rejected + exploration log-probs per step);
 - trl@T for each thread count in --trl-threads: ``trl.DPOTrainer.train()`` with
   precompute_ref_log_probs=True on the same rows as conversations (chosen + rejected only).
@@ -170,9 +170,9 @@ def worker_peak(spec: dict) -> dict:
 def worker_selm(spec: dict) -> dict:
     import torch
 
-    import selm.train as tr
+    import selm.stages.train as tr
     from selm.config import load_config
-    from selm.logprobs import tokenize_pairs
+    from selm.objective.logprobs import tokenize_pairs
     from selm.data import load_pairs
     from selm.models import load_tokenizer
 
@@ -290,7 +290,7 @@ def worker_profile(spec: dict) -> dict:
 
     side = spec["side"]
     if side == "selm":
-        import selm.train as tr
+        import selm.stages.train as tr
         from selm.config import load_config
 
         overrides = [

@@ -1,8 +1,15 @@
 """selm: online preference alignment with Self-Exploring Language Models (SELM).
 
-The library is split by stage (generate, rank, pair, train, evaluate); stages talk only through
-files in a run folder, and ``selm.loop`` sequences them. ``selm.losses`` holds the objectives as pure
-functions of log-prob tensors.
+Layers, top to bottom; each imports only those below it:
+
+    selm/cli.py                         the command line
+    selm/studies/                       several runs side by side: demo, sweep, report, analyses
+    selm/loop.py                        one run: for t in 1..T, the stages in order, done-markers, resume
+    selm/stages/                        generate, rank, pair, train, evaluate: files in, files out
+    selm/objective/  selm/engines/      losses, log-probs, LM head | generation, rankers and judges
+    selm/data.py  selm/models.py        records and loading | model/tokenizer loading, GGUF, tiny model
+    selm/config.py  selm/chat.py        typed config | chat templates
+    selm/io.py  selm/stats.py           atomic files, done-markers | win rates, intervals
 """
 
 __version__ = "0.1.0"

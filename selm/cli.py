@@ -177,7 +177,7 @@ def _dispatch(args) -> int:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
         return 0
     if args.command in ("demo", "sweep"):
-        from selm.demo import run_demo, run_sweep
+        from selm.studies.demo import run_demo, run_sweep
 
         if args.command == "demo":
             path = run_demo(args.output_dir, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
@@ -189,7 +189,7 @@ def _dispatch(args) -> int:
         print(f"report: {path}")
         return 0
     if args.command == "report":
-        from selm.report import build_report
+        from selm.studies.report import build_report
 
         print(f"report: {build_report(args.output_dir)}")
         return 0
@@ -203,7 +203,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "train" and args.iteration is None:
         from selm.io import InputError
-        from selm.train import run_train
+        from selm.stages.train import run_train
         from selm.models import materialize_model
 
         if args.pairs is None:

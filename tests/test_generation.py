@@ -1,4 +1,4 @@
-"""The generation engine (selm/generation.py) and the generate stage (selm/generate.py) on tiny models.
+"""The generation engine (selm/engines/generation.py) and the generate stage (selm/stages/generate.py) on tiny models.
 
 The fast path (length-grouped left-padded batches, one prefill per prompt, rows dropped as they
 finish) must give the same greedy text as Hugging Face's `generate` run one prompt at a time.
@@ -16,8 +16,8 @@ import torch
 from selm.io import atomic_write_jsonl
 from selm.chat import decode_response, end_of_turn_ids
 from selm.config import load_config
-from selm.generate import run_generate
-from selm.generation import (HFGenerator, SamplingParams, decode_batch, encode_for_generation, generate, mix64,
+from selm.stages.generate import run_generate
+from selm.engines.generation import (HFGenerator, SamplingParams, decode_batch, encode_for_generation, generate, mix64,
                              next_tokens, stream_keys)
 from selm.io import InputError
 from selm.models import load_causal_lm, load_tokenizer

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selm.lmhead import chunk_width, token_logps
+from selm.objective.lmhead import chunk_width, token_logps
 
 
 def plain(h, w, target, cap=None):

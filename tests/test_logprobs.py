@@ -1,4 +1,4 @@
-"""Summed response log-probs (selm/logprobs.py) against a plain per-token loop on a tiny model."""
+"""Summed response log-probs (selm/objective/logprobs.py) against a plain per-token loop on a tiny model."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from selm.chat import end_of_turn_ids, prompt_text
 from selm.data import PairRecord
-from selm.logprobs import KINDS, ResponseLogps, batch_logps, collate_padded, collate_prefix, tokenize_pairs, truncate
+from selm.objective.logprobs import KINDS, ResponseLogps, batch_logps, collate_padded, collate_prefix, tokenize_pairs, truncate
 from selm.tiny import build_tiny_model, build_tiny_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the objectives (selm/losses.py).
+"""Hand-computed checks of the objectives (selm/objective/losses.py).
 
 Worked example used throughout (beta = 0.5):
     policy chosen -1.0, policy rejected -2.0, ref chosen -1.5, ref rejected -1.5
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from selm.losses import dpo_loss, ipo_loss, preference_objective, selm_explore_term, selm_loss, xpo_explore_term
+from selm.objective.losses import dpo_loss, ipo_loss, preference_objective, selm_explore_term, selm_loss, xpo_explore_term
 
 
 def t(*v, grad=False):

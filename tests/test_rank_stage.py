@@ -10,8 +10,8 @@ import pytest
 
 from selm.config import Config, RankConfig
 from selm.io import InputError, read_json, read_jsonl
-from selm.rank import run_rank
-from selm.rankers import RankerError
+from selm.stages.rank import run_rank
+from selm.engines.rankers import RankerError
 
 HERE = Path(__file__).parent
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers_rank import JudgeServer  # tests/ is on sys.path under pytest
 from selm.config import RankConfig
-from selm.rankers import (HttpJudgeRanker, PairwiseRanker, RankerError, RewardModelRanker, build_ranker,
+from selm.engines.rankers import (HttpJudgeRanker, PairwiseRanker, RankerError, RewardModelRanker, build_ranker,
                           parse_rating)
 
 HERE = Path(__file__).parent

@@ -1,4 +1,4 @@
-"""The training stage (selm/train.py) on the tiny model: it learns, accumulation is normalised,
+"""The training stage (selm/stages/train.py) on the tiny model: it learns, accumulation is normalised,
 it writes a loadable checkpoint, reuses its reference cache, and resumes exactly."""
 
 import json
@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from selm.io import atomic_write_jsonl
 from selm.config import load_config
-from selm.train import StepPlan, lr_lambda, run_train
+from selm.stages.train import StepPlan, lr_lambda, run_train
 
 PAIRS = [
     {"prompt": "Say something nice.", "chosen": "You are wonderful.", "rejected": "No.", "exploration": "Hello."},
@@ -133,7 +133,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, pairs_file, tiny_
 
 
 def test_reference_cache_is_reused_and_keyed(tmp_path, pairs_file, tiny_model_dir, monkeypatch):
-    import selm.train as tr
+    import selm.stages.train as tr
 
     out = tmp_path / "t"
     run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, out)

@@ -27,8 +27,8 @@ from torch.testing import assert_close
 pytest.importorskip("trl")
 
 from selm.data import PairRecord  # noqa: E402
-from selm.logprobs import TokenizedExample, batch_logps, collate_padded, collate_prefix, tokenize_pairs  # noqa: E402
-from selm.losses import dpo_loss  # noqa: E402
+from selm.objective.logprobs import TokenizedExample, batch_logps, collate_padded, collate_prefix, tokenize_pairs  # noqa: E402
+from selm.objective.losses import dpo_loss  # noqa: E402
 
 BETA = 0.1
 
@@ -105,7 +105,7 @@ def examples_from_trl_batch(batch) -> list[TokenizedExample]:
 
 @pytest.mark.parametrize("collate", [collate_padded, collate_prefix], ids=["padded", "prefix"])
 def test_dpo_loss_rewards_and_gradients_match_trl(trl_run, tiny_model_dir, collate):
-    from selm.logprobs import ResponseLogps
+    from selm.objective.logprobs import ResponseLogps
 
     policy, ref = load_pair(tiny_model_dir)
     examples = examples_from_trl_batch(trl_run["batch"])

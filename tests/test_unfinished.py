@@ -8,8 +8,8 @@ from selm.chat import end_of_turn_ids
 from selm.config import ConfigError, load_config
 from selm.data import PairRecord, load_pairs
 from selm.io import InputError
-from selm.logprobs import tokenize_pairs
-from selm.pair import pair_record, run_pair
+from selm.objective.logprobs import tokenize_pairs
+from selm.stages.pair import pair_record, run_pair
 from selm.tiny import build_tiny_tokenizer
 
 PROMPT = [{"role": "user", "content": "q"}]

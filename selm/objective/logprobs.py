@@ -10,7 +10,7 @@ A tokenised example is a prompt and up to three responses. Two layouts feed the 
 Both produce a ``LogpBatch`` that says, for every response token, which row and position's hidden
 state predicts it. Only those hidden states go through the LM head, so the (tokens x vocab) logits
 of prompt and padding positions are never built, and the head walks the vocabulary in chunks
-(selm/lmhead.py), so not even the response positions' logits are alive all at once.
+(selm/objective/lmhead.py), so not even the response positions' logits are alive all at once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from selm.chat import encode_prompt, encode_response, end_of_turn_ids, prompt_text
 from selm.data import PairRecord
-from selm.lmhead import token_logps as chunked_token_logps
+from selm.objective.lmhead import token_logps as chunked_token_logps
 
 KINDS = ("chosen", "rejected", "explore")
 
@@ -173,7 +173,7 @@ class ResponseLogps(nn.Module):
         head = self.model.get_output_embeddings()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if getattr(head, "bias", None) is None and isinstance(getattr(head, "weight", None), torch.Tensor):
-            # Vocabulary-chunked: the (M, V) logits are never all alive (selm/lmhead.py).
+            # Vocabulary-chunked: the (M, V) logits are never all alive (selm/objective/lmhead.py).
             token_logps = chunked_token_logps(h, head.weight, target, softcap=cap)  # (M,)
         else:  # a head with a bias (rare): the plain path
             logits = head(h).float()  # (M, V)

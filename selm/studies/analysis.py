@@ -14,14 +14,14 @@ import torch
 
 from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_json, read_jsonl
-from selm.study import arm_config, Arm, load_study
+from selm.studies.study import arm_config, Arm, load_study
 
 HELDOUT_PROMPTS = 48
 
 
 def heldout_pairs(out: Path) -> Path:
-    from selm.evaluate import score_responses
-    from selm.generation import generate
+    from selm.stages.evaluate import score_responses
+    from selm.engines.generation import generate
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
     study = load_study(out)
@@ -64,7 +64,7 @@ def heldout_pairs(out: Path) -> Path:
 def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Tensor]:
     from contextlib import nullcontext
 
-    from selm.logprobs import COLLATORS, ResponseLogps, batch_logps, tokenize_pairs
+    from selm.objective.logprobs import COLLATORS, ResponseLogps, batch_logps, tokenize_pairs
     from selm.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_path)
@@ -86,7 +86,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
 def implicit_rewards(out: Path) -> Path:
     """Write analysis/implicit_rewards.json (per arm/seed/iteration means, and SELM - DPO)."""
     from selm.models import set_threads
-    from selm.report import _summary
+    from selm.studies.report import _summary
 
     out = Path(out)
     dest = out / "analysis" / "implicit_rewards.json"

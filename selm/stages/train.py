@@ -3,7 +3,7 @@
     for each optimizer step:
         for each micro-batch (gradient accumulation):
             logps  = policy log-probs of chosen, rejected, exploration   (one forward)
-            losses = pairwise loss + exploration term                    (selm.losses)
+            losses = pairwise loss + exploration term                    (selm.objective.losses)
             backward(sum(losses) / examples in the whole step)           (4x2 == 1x8)
         clip, step, schedule
 
@@ -37,8 +37,8 @@ from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
 from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
                      sha256_file, sha256_json)
-from selm.logprobs import COLLATORS, KINDS, ResponseLogps, batch_logps, tokenize_pairs
-from selm.losses import preference_objective
+from selm.objective.logprobs import COLLATORS, KINDS, ResponseLogps, batch_logps, tokenize_pairs
+from selm.objective.losses import preference_objective
 from selm.models import enable_checkpointing, load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
 
 METRICS = "metrics.jsonl"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selm.io import atomic_write_text, read_json, read_jsonl
 from selm.stats import hierarchical_ci, mean, outcomes
-from selm.study import load_study
+from selm.studies.study import load_study
 
 SAMPLES = 1000
 

@@ -18,7 +18,7 @@ from selm.stats import bootstrap_ci, mean, win_rate
 
 
 def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-    from selm.rankers import build_ranker
+    from selm.engines.rankers import build_ranker
 
     ranker = build_ranker(cfg.evaluate.judge, key="evaluate.judge")
     try:
@@ -43,7 +43,7 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.generation import generate_samples
+    from selm.engines.generation import generate_samples
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
     ev = cfg.evaluate

@@ -1,7 +1,7 @@
 """`selm demo` and `selm sweep`: studies on the packaged demo config (selm/configs/demo.yaml).
 
 The demo compares SELM with iterative DPO (alpha = 0) from the same start model, prompts and seeds;
-the sweep varies alpha. Both end by writing the report (selm/report.py).
+the sweep varies alpha. Both end by writing the report (selm/studies/report.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from selm.config import apply_overrides, load_yaml, resolve_relative_paths
 
-PACKAGED = Path(__file__).parent / "configs" / "demo.yaml"
+PACKAGED = Path(__file__).parent.parent / "configs" / "demo.yaml"
 # The demo's --quick sizes: one seed, fewer prompts and tokens (measured to fit in 3 minutes; README).
 QUICK = ["data.max_prompts=24", "data.max_eval_prompts=16", "generate.max_new_tokens=32", "evaluate.max_new_tokens=32"]
 
@@ -24,8 +24,8 @@ def _base(config: Path | None, quick: bool, overrides: list[str]) -> dict:
 
 
 def _finish(out: Path) -> Path:
-    from selm.analysis import implicit_rewards
-    from selm.report import build_report
+    from selm.studies.analysis import implicit_rewards
+    from selm.studies.report import build_report
 
     implicit_rewards(out)
     return build_report(out)
@@ -34,7 +34,7 @@ def _finish(out: Path) -> Path:
 def run_demo(out: Path, *, quick: bool = False, seeds: list[int] | None = None, config: Path | None = None,
              overrides: list[str] = (), allow_config_change: bool = False) -> Path:
     from selm.config import config_from_dict
-    from selm.study import Arm, run_study
+    from selm.studies.study import Arm, run_study
 
     base = _base(config, quick, list(overrides))
     alpha = config_from_dict(base).train.alpha
@@ -51,7 +51,7 @@ def run_demo(out: Path, *, quick: bool = False, seeds: list[int] | None = None, 
 
 def run_sweep(out: Path, *, alphas: list[float], seeds: list[int] | None = None, quick: bool = False,
               config: Path | None = None, overrides: list[str] = (), allow_config_change: bool = False) -> Path:
-    from selm.study import Arm, run_study
+    from selm.studies.study import Arm, run_study
 
     base = _base(config, quick, list(overrides))
     arms = [Arm(f"alpha_{a:g}", [f"train.alpha={a}"]) for a in alphas]

@@ -24,7 +24,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data" / "demo"
+DATA = Path(__file__).parent.parent / "data" / "demo"
 WORD = re.compile(r"[A-Za-z']+")
 # A finished sentence ends in . ! or ?, possibly followed by quotes, brackets or emoji.
 FINISHED = re.compile(r"[.!?][^A-Za-z0-9]*$")

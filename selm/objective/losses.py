@@ -1,6 +1,6 @@
 """Preference objectives as pure functions of summed log-prob tensors.
 
-Every function takes per-example SUMMED response log-probs (see ``selm.logprobs``) of shape (B,)
+Every function takes per-example SUMMED response log-probs (see ``selm.objective.logprobs``) of shape (B,)
 and returns ``(losses, chosen_rewards, rejected_rewards)``, each of shape (B,). Losses are
 per-example (the caller averages); rewards are the detached implicit rewards
 ``beta * (logp_theta - logp_ref)`` used for metrics.

@@ -27,7 +27,7 @@ from selm.chat import normalize_prompt
 from selm.config import Config, RankConfig
 from selm.io import (DONE_MARKER, InputError, atomic_write_json, atomic_write_jsonl, clean_stale_temporaries,
                      iter_jsonl, mark_done)
-from selm.rankers import Ranker, RankerError, build_ranker
+from selm.engines.rankers import Ranker, RankerError, build_ranker
 
 PROMPTS_PER_CALL = 8
 

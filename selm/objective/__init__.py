@@ -1,0 +1,1 @@
+"""The training objective: pure loss functions, summed response log-probs, the chunked LM head."""
