@@ -6,7 +6,8 @@ from torch.testing import assert_close
 
 from selm.chat import end_of_turn_ids, prompt_text
 from selm.data import PairRecord
-from selm.objective.logprobs import KINDS, ResponseLogps, batch_logps, collate_padded, collate_prefix, tokenize_pairs, truncate
+from selm.objective.logprobs import (KINDS, ResponseLogps, batch_logps, collate_padded, collate_prefix, score_logps,
+                                     tokenize_pairs, truncate)
 from selm.tiny import build_tiny_model, build_tiny_tokenizer
 
 
@@ -85,3 +86,25 @@ def test_plain_fallback_without_chat_template():
     assert tok.decode(ex.prompt) == "User: Hi\n\nAssistant:"
     assert tok.decode(ex.responses[0]) == " Hello<|endoftext|>"
     assert len(ex.responses) == 2
+
+
+@pytest.mark.parametrize("collate", [collate_padded, collate_prefix])
+def test_score_logps_equals_per_example_in_input_order(tok_model, collate):
+    tok, _ = tok_model
+    # Lengths out of order, so the length sort has to put the results back.
+    pairs = [PAIRS[1], PAIRS[0], PAIRS[2], PAIRS[0]]
+    ex = tokenize_pairs(tok, pairs, max_length=200, max_prompt_length=100, with_exploration=True)
+    module = ResponseLogps(build_tiny_model(len(tok), seed=1)).train()  # not the shared eval-mode fixture
+    got = score_logps(module, ex, batch_size=2, collate=collate, pad_id=tok.pad_token_id, device="cpu")
+    assert module.training  # the mode it was in comes back
+    module.eval()
+    with torch.no_grad():
+        one = [batch_logps(module, collate([e], tok.pad_token_id)) for e in ex]
+    for kind in KINDS:
+        assert got[kind].dtype == torch.float32 and got[kind].device.type == "cpu"
+        assert_close(got[kind], torch.cat([o[kind] for o in one]), atol=1e-5, rtol=1e-5)
+    # A shard (as one process of several would score) gives the full run's rows, in its own order.
+    idx = [3, 0, 2]
+    part = score_logps(module, ex, batch_size=2, collate=collate, pad_id=tok.pad_token_id, device="cpu", indices=idx)
+    for kind in KINDS:
+        assert_close(part[kind], got[kind][idx], atol=1e-5, rtol=1e-5)

@@ -11,12 +11,16 @@ Both produce a ``LogpBatch`` that says, for every response token, which row and 
 state predicts it. Only those hidden states go through the LM head, so the (tokens x vocab) logits
 of prompt and padding positions are never built, and the head walks the vocabulary in chunks
 (selm/objective/lmhead.py), so not even the response positions' logits are alive all at once.
+
+``score_logps`` is the one no-grad scoring path (training's reference log-probs, the analyses'
+implicit rewards): big length-sorted batches, results in input order.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -189,3 +193,51 @@ def batch_logps(module: nn.Module, batch: LogpBatch) -> dict[str, torch.Tensor]:
                   batch.target, batch.seq, batch.num_examples * batch.num_kinds)
     B = batch.num_examples
     return {KINDS[k]: flat[k * B:(k + 1) * B] for k in range(batch.num_kinds)}
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """Mixed precision for a forward on `device`: torch.autocast to `dtype`, or nothing when None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def score_logps(
+    module: nn.Module,
+    examples: Sequence[TokenizedExample],
+    *,
+    batch_size: int,
+    collate: Callable[[Sequence[TokenizedExample], int], LogpBatch],
+    pad_id: int,
+    device,
+    autocast_dtype: torch.dtype | None = None,
+    indices: Sequence[int] | None = None,
+    progress: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """No-grad summed response log-probs of `examples[i]` for each i in `indices` (default: all).
+
+    Returns {"chosen", "rejected"[, "explore"]} -> (len(indices),) float32 CPU tensors whose row j
+    belongs to examples[indices[j]], so processes can each score a shard and gather. Examples are
+    batched `batch_size` at a time in order of length, so a batch pads little; `module` (a
+    ResponseLogps, possibly wrapped) runs in eval mode and is put back in the mode it was in.
+    `progress` names a progress bar (None: no bar).
+    """
+    from tqdm.auto import tqdm
+
+    rows = list(range(len(examples))) if indices is None else list(indices)
+    n, kinds = len(rows), len(examples[0].responses) if examples else 0
+    sizes = [len(examples[i].prompt) + sum(map(len, examples[i].responses)) for i in rows]
+    order = sorted(range(n), key=sizes.__getitem__)  # positions in `rows`, shortest first
+    out = {KINDS[k]: torch.zeros(n) for k in range(kinds)}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, n, batch_size), desc=progress, leave=False, disable=progress is None):
+                pos = order[start:start + batch_size]
+                batch = collate([examples[rows[j]] for j in pos], pad_id).to(device)
+                with autocast(device, autocast_dtype):
+                    lp = batch_logps(module, batch)
+                for k, v in lp.items():
+                    out[k][pos] = v.float().cpu()
+    finally:
+        module.train(was_training)
+    return out
