@@ -1,16 +1,17 @@
 """The training stage: one explicit loop of the SELM objective over preference pairs.
 
-    for each optimizer step:
-        for each micro-batch (gradient accumulation):
+    for each optimizer step:                                             (run_train)
+        for each micro-batch (gradient accumulation):                    (train_step)
             logps  = policy log-probs of chosen, rejected, exploration   (one forward)
             losses = pairwise loss + exploration term                    (selm.objective.losses)
             backward(sum(losses) / examples in the whole step)           (4x2 == 1x8)
         clip, step, schedule
 
-Reference log-probs are computed once, before the loop, in no-grad batches and cached in the stage
-folder, so no reference model is held in memory while training. By default the reference is the
-start model itself (SELM: the reference is the previous iteration's model), so its log-probs come
-from the very model about to be trained, before its first update.
+Reference log-probs are computed once, before the loop, in no-grad batches (score_logps in
+selm/objective/logprobs.py) and cached in the stage folder, so no reference model is held in memory
+while training. By default the reference is the start model itself (SELM: the reference is the
+previous iteration's model), so its log-probs come from the very model about to be trained, before
+its first update.
 
 Runs as one process or under `accelerate launch` (data-parallel): each process takes its share of
 every optimizer step's examples; the loss is normalised by the step's GLOBAL example count per
@@ -30,18 +31,22 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
-from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
+from selm.io import (AtomicDir, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
                      sha256_file, sha256_json)
-from selm.objective.logprobs import COLLATORS, KINDS, ResponseLogps, batch_logps, tokenize_pairs
+from selm.objective.logprobs import (COLLATORS, ResponseLogps, TokenizedExample, autocast, batch_logps, score_logps,
+                                     tokenize_pairs)
 from selm.objective.losses import preference_objective
 from selm.models import enable_checkpointing, load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
 
 METRICS = "metrics.jsonl"
+PARTIAL = METRICS + ".partial"  # metrics.jsonl while training runs; renamed when the stage is done
+CHECKPOINT = "checkpoint"
 REF_CACHE = "ref_logps.safetensors"
 
 
@@ -80,8 +85,16 @@ class StepPlan:
 
 
 def micro_batches(step_examples: list[int], rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """This process's share of one step's example indices (every world-th, from `rank`), cut into
+    micro-batches of `batch_size`."""
     mine = step_examples[rank::world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def autocast_dtype(tc: TrainConfig) -> torch.dtype | None:
+    """The precision training's forwards autocast to (None: the weights' own). Anything scoring log-
+    probs to compare with training's uses it too."""
+    return torch.bfloat16 if tc.bf16 else None
 
 
 def _model_fingerprint(path: Path) -> dict:
@@ -90,26 +103,66 @@ def _model_fingerprint(path: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files} | {"path": str(path.resolve())}
 
 
-def reference_logps(module: ResponseLogps, examples, cfg: TrainConfig, collate, pad_id: int, device, autocast) -> dict[str, torch.Tensor]:
-    """No-grad log-probs of every example under `module` (the reference), in big batches, sorted by
-    length so that little padding is computed. Returns kind -> (N,) float32 tensors."""
-    from tqdm.auto import tqdm
+def _reference_key(ref_path: Path, pairs_path: Path, cfg: Config) -> str:
+    """Hash of everything the reference log-probs depend on: the reference model's files, the data,
+    tokenisation, which responses are scored, layout and precision."""
+    tc = cfg.train
+    return sha256_json({
+        "ref": _model_fingerprint(ref_path), "data": sha256_file(pairs_path) if Path(pairs_path).is_file() else str(pairs_path),
+        "max_length": tc.max_length, "max_prompt_length": tc.max_prompt_length, "explore": tc.alpha > 0,
+        "layout": tc.layout, "bf16": tc.bf16, "dtype": cfg.model.dtype,
+    })
 
-    n, kinds = len(examples), len(examples[0].responses)
-    order = sorted(range(n), key=lambda i: len(examples[i].prompt) + sum(map(len, examples[i].responses)))
-    out = {KINDS[k]: torch.zeros(n) for k in range(kinds)}
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        for start in tqdm(range(0, n, cfg.ref_batch_size), desc="reference log-probs", leave=False):
-            idx = order[start:start + cfg.ref_batch_size]
-            batch = collate([examples[i] for i in idx], pad_id).to(device)
-            with autocast():
-                lp = batch_logps(module, batch)
-            for k, v in lp.items():
-                out[k][idx] = v.float().cpu()
-    module.train(was_training)
-    return out
+
+def reference_logps(module: ResponseLogps, ref_model_path: Path | None, examples: list[TokenizedExample], cfg: Config,
+                    *, collate, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every example, kind -> (N,) float32 CPU: of `module` itself (the start
+    model, before its first update) or, when `ref_model_path` is given, of that model, loaded for this
+    only so it is never held during training."""
+    if ref_model_path is not None:
+        ref_model = load_causal_lm(Path(ref_model_path), cfg.model.dtype, cfg.model.trust_remote_code).to(device)
+        module = ResponseLogps(ref_model)
+    return score_logps(module, examples, batch_size=cfg.train.ref_batch_size, collate=collate, pad_id=pad_id,
+                       device=device, autocast_dtype=autocast_dtype(cfg.train), progress="reference log-probs")
+
+
+def _reference_cache(cache: Path, key: str, accelerator, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The reference log-probs, kind -> (N,) float32, from `cache` when it was written under `key`;
+    otherwise the main process runs `compute` and writes the cache, and every process then reads the
+    file, so all of them hold the same numbers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    if cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return load_file(str(cache))
+    if accelerator.is_main_process:
+        ref = compute()
+        atomic_write_bytes(cache, save({k: v.contiguous() for k, v in ref.items()}, metadata={"key": key}))
+    accelerator.wait_for_everyone()
+    return load_file(str(cache))
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norms, as TRL/transformers)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(tc.adam_beta1, tc.adam_beta2),
+        # One fused kernel instead of a per-parameter loop: ~0.5 s less per SmolLM2-135M step on a
+        # CPU core (notes/train_benchmark.md).
+        fused=torch.device(device).type in ("cpu", "cuda"),
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_steps: int):
+    """The learning-rate schedule of cfg.train over `total_steps` optimizer steps."""
+    warmup = int(math.ceil(tc.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.lr_scheduler, warmup, total_steps))
 
 
 def _save_hf(model, tokenizer, dest: Path) -> None:
@@ -140,6 +193,127 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, int]
     return int(info["step"]), int(info["metrics_bytes"])
 
 
+def _resume(stage_dir: Path, model, optimizer, scheduler, main: bool) -> int:
+    """Load stage_dir/checkpoint into model, optimizer, schedule and RNG if there is one; return the
+    step to start from (0 without one)."""
+    ckpt, start_step, metrics_bytes = stage_dir / CHECKPOINT, 0, 0
+    if ckpt.is_dir() and (ckpt / "state.json").is_file():
+        start_step, metrics_bytes = _load_checkpoint(ckpt, model, optimizer, scheduler)
+    if main:
+        # Drop metric lines written after the checkpoint we resume from (they will be redone).
+        with open(stage_dir / PARTIAL, "a+b") as f:
+            f.truncate(metrics_bytes)
+    return start_step
+
+
+@dataclass
+class TrainData:
+    """What every step reads: the tokenised pairs and their reference log-probs, kind -> (N,)."""
+
+    examples: list[TokenizedExample]
+    ref: dict[str, torch.Tensor]
+    collate: Callable
+    pad_id: int
+
+
+@dataclass
+class StepStats:
+    """One optimizer step on this process: per-example metric sums over its `examples` examples, the
+    real tokens it ran, the gradient norm before clipping (all processes) and the rate it used."""
+
+    sums: dict[str, float]
+    examples: int
+    tokens: int
+    grad_norm: torch.Tensor
+    lr: float
+
+
+def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micros: list[list[int]], *,
+               normaliser: float, tc: TrainConfig) -> StepStats:
+    """One optimizer step over this process's micro-batches `micros` (example indices).
+
+    Each micro-batch's summed loss is divided by `normaliser`, the step's examples per process (all
+    processes together / world), so accumulated, all-reduced gradients equal one big batch's mean.
+    """
+    device = accelerator.device
+    sums: dict[str, float] = {}
+    tokens = 0
+    for j, idx in enumerate(micros):
+        batch = data.collate([data.examples[i] for i in idx], data.pad_id).to(device)
+        tokens += batch.num_tokens
+        # Gradients are all-reduced once per step, after the last micro-batch: one all-reduce per
+        # step instead of one per micro-batch.
+        with accelerator.no_sync(module) if j < len(micros) - 1 else nullcontext():
+            with autocast(device, autocast_dtype(tc)):
+                logps = batch_logps(module, batch)  # kind -> (B,)
+            refs = {k: data.ref[k][idx].to(device) for k in logps}
+            out = preference_objective(logps, refs, loss=tc.loss, explore=tc.explore, beta=tc.beta, alpha=tc.alpha)
+            accelerator.backward(out["loss"].sum() / normaliser)
+        _accumulate(sums, out, logps, refs)
+    grad_norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+    step_lr = scheduler.get_last_lr()[0]  # the rate this step used
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(sums, sum(len(m) for m in micros), tokens, grad_norm, step_lr)
+
+
+def metrics_row(stats: StepStats, *, step: int, total_steps: int, epochs: int, world: int, seconds: float,
+                pairs: int) -> dict:
+    """One metrics.jsonl line for optimizer step `step` (1-based): per-example means and the step's
+    rate, gradient norm and throughput (tokens of all processes, assuming they match this one's)."""
+    row = {k: v / stats.examples for k, v in stats.sums.items()}
+    row.update({"step": step, "epoch": step / total_steps * epochs, "lr": stats.lr, "grad_norm": float(stats.grad_norm),
+                "tokens_per_s": stats.tokens * world / seconds, "pairs": pairs})
+    return row
+
+
+def _log_row(stage_dir: Path, tb, row: dict) -> None:
+    """Append `row` to the metrics file being written and to TensorBoard (when on)."""
+    with open(stage_dir / PARTIAL, "ab") as f:
+        f.write((json.dumps(row) + "\n").encode())
+    if tb is not None:
+        for k, v in row.items():
+            if k != "step":
+                tb.add_scalar(k, v, row["step"])
+
+
+def _finish(accelerator, model, tokenizer, stage_dir: Path, summary: dict) -> None:
+    """The main process writes the model folder and metrics.jsonl, drops the checkpoint, and writes
+    DONE.json last, so a folder with DONE.json is complete; every process waits for that."""
+    if accelerator.is_main_process:
+        _save_hf(model, tokenizer, stage_dir / "model")
+        os.replace(stage_dir / PARTIAL, stage_dir / METRICS)
+        shutil.rmtree(stage_dir / CHECKPOINT, ignore_errors=True)
+        mark_done(stage_dir, summary)  # last: everything above is in place
+    accelerator.wait_for_everyone()
+
+
+def _prepare(tc: TrainConfig, stage_dir: Path) -> None:
+    """Process settings (threads, returning freed memory to the OS) and the stage folder, cleared of
+    temporaries a killed run left."""
+    set_threads(tc.num_threads)
+    if tc.release_memory:
+        return_freed_memory_to_os()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(stage_dir)
+
+
+def _load_inputs(pairs_path: Path, model_path: Path, cfg: Config, device):
+    """The tokenizer, the tokenised pairs, and the policy on `device`, set up for training."""
+    tc = cfg.train
+    pairs = load_pairs(pairs_path, need_exploration=tc.alpha > 0)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    examples = tokenize_pairs(tokenizer, pairs, max_length=tc.max_length, max_prompt_length=tc.max_prompt_length,
+                              with_exploration=tc.alpha > 0)
+    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    model.to(device)
+    model.config.use_cache = False
+    if tc.gradient_checkpointing:
+        enable_checkpointing(model)
+    return tokenizer, examples, model
+
+
 def run_train(
     cfg: Config,
     pairs_path: Path,
@@ -156,161 +330,68 @@ def run_train(
     ref_logps.safetensors, DONE.json}. Resumes from stage_dir/checkpoint if present.
     `max_steps` stops early (for tests that simulate a crash)."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file, save
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     tc = cfg.train
     lr = learning_rate if learning_rate is not None else tc.learning_rate
-    set_threads(tc.num_threads)
-    if tc.release_memory:
-        return_freed_memory_to_os()
     stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(stage_dir)
+    _prepare(tc, stage_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
 
-    with_explore = tc.alpha > 0
-    pairs = load_pairs(pairs_path, need_exploration=with_explore)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    examples = tokenize_pairs(tokenizer, pairs, max_length=tc.max_length, max_prompt_length=tc.max_prompt_length,
-                              with_exploration=with_explore)
-    collate = COLLATORS[tc.layout]
-    pad_id = tokenizer.pad_token_id
-    use_bf16 = tc.bf16
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    model.to(device)
-    model.config.use_cache = False
-    if tc.gradient_checkpointing:
-        enable_checkpointing(model)
+    tokenizer, examples, model = _load_inputs(pairs_path, model_path, cfg, device)
     module = ResponseLogps(model)
+    collate, pad_id = COLLATORS[tc.layout], tokenizer.pad_token_id
+    # Once, before training; by default the start model's own log-probs, before its first update.
+    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
+    ref = _reference_cache(stage_dir / REF_CACHE, key, accelerator, lambda: reference_logps(
+        module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device))
+    data = TrainData(examples, ref, collate, pad_id)
 
-    # --- reference log-probs: once, before training, cached by everything they depend on ---------
-    ref_path = Path(ref_model_path or model_path)
-    key = sha256_json({
-        "ref": _model_fingerprint(ref_path), "data": sha256_file(pairs_path) if Path(pairs_path).is_file() else str(pairs_path),
-        "max_length": tc.max_length, "max_prompt_length": tc.max_prompt_length, "explore": with_explore,
-        "layout": tc.layout, "bf16": use_bf16, "dtype": cfg.model.dtype,
-    })
-    cache = stage_dir / REF_CACHE
-    ref = None
-    if cache.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                ref = load_file(str(cache))
-    if ref is None:
-        if accelerator.is_main_process:
-            if ref_model_path is None:
-                ref = reference_logps(module, examples, tc, collate, pad_id, device, autocast)
-            else:
-                ref_model = load_causal_lm(ref_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
-                ref = reference_logps(ResponseLogps(ref_model), examples, tc, collate, pad_id, device, autocast)
-                del ref_model  # never held during training
-            atomic_write_bytes(cache, save({k: v.contiguous() for k, v in ref.items()}, metadata={"key": key}))
-        accelerator.wait_for_everyone()
-        ref = load_file(str(cache))
-
-    # --- optimizer, schedule, step plan ------------------------------------------------------------
     plan = StepPlan.build(len(examples), tc, seed, world)
     total_steps = len(plan.steps)
-    warmup = int(math.ceil(tc.warmup_ratio * total_steps))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(tc.adam_beta1, tc.adam_beta2),
-        # One fused kernel instead of a per-parameter loop: ~0.5 s less per SmolLM2-135M step on a
-        # CPU core (notes/train_benchmark.md).
-        fused=device.type in ("cpu", "cuda"),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.lr_scheduler, warmup, total_steps))
+    optimizer = build_optimizer(model, tc, lr, device)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
     module, optimizer = accelerator.prepare(module, optimizer)
     raw_model = accelerator.unwrap_model(module).model
-
     save_config(cfg, stage_dir / "config.yaml")
-    ckpt = stage_dir / "checkpoint"
-    partial = stage_dir / (METRICS + ".partial")
-    start_step, metrics_bytes = 0, 0
-    if ckpt.is_dir() and (ckpt / "state.json").is_file():
-        start_step, metrics_bytes = _load_checkpoint(ckpt, raw_model, optimizer, scheduler)
-    if accelerator.is_main_process:
-        # Drop metric lines written after the checkpoint we resume from (they will be redone).
-        with open(partial, "a+b") as f:
-            f.truncate(metrics_bytes)
+    start_step = _resume(stage_dir, raw_model, optimizer, scheduler, accelerator.is_main_process)
     tb = _tensorboard(stage_dir, tc, accelerator.is_main_process, start_step)
 
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_local_main_process)
-    step = start_step
-    for step in range(start_step, total_steps):
-        if max_steps is not None and step >= max_steps:
-            break
+    end = total_steps if max_steps is None else min(max_steps, total_steps)
+    for step in range(start_step, end):
         t0 = time.perf_counter()
         step_examples = plan.steps[step]
-        per_process = len(step_examples) / world  # normaliser: sum of losses / examples in the step
         micros = micro_batches(step_examples, rank, world, tc.batch_size)
-        sums: dict[str, float] = {}
-        tokens = 0
-        for j, idx in enumerate(micros):
-            batch = collate([examples[i] for i in idx], pad_id).to(device)
-            tokens += batch.num_tokens
-            sync = accelerator.no_sync(module) if j < len(micros) - 1 else nullcontext()
-            with sync:
-                with autocast():
-                    logps = batch_logps(module, batch)
-                refs = {k: ref[k][idx].to(device) for k in logps}
-                out = preference_objective(logps, refs, loss=tc.loss, explore=tc.explore, beta=tc.beta, alpha=tc.alpha)
-                accelerator.backward(out["loss"].sum() / per_process)
-            _accumulate(sums, out, logps, refs)
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats = train_step(accelerator, module, optimizer, scheduler, data, micros,
+                           normaliser=len(step_examples) / world, tc=tc)
         bar.update(1)
-        if accelerator.is_main_process and ((step + 1) % tc.logging_steps == 0 or step + 1 == total_steps):
-            n = sum(len(m) for m in micros)
-            row = {k: v / n for k, v in sums.items()}
-            row.update({"step": step + 1, "epoch": (step + 1) / total_steps * tc.epochs, "lr": step_lr,
-                        "grad_norm": float(grad_norm), "tokens_per_s": tokens * world / (time.perf_counter() - t0),
-                        "pairs": len(step_examples)})
-            with open(partial, "ab") as f:
-                f.write((json.dumps(row) + "\n").encode())
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        tb.add_scalar(k, v, step + 1)
+        done = step + 1
+        if accelerator.is_main_process and (done % tc.logging_steps == 0 or done == total_steps):
+            row = metrics_row(stats, step=done, total_steps=total_steps, epochs=tc.epochs, world=world,
+                              seconds=time.perf_counter() - t0, pairs=len(step_examples))
+            _log_row(stage_dir, tb, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
-        if tc.save_every_steps and (step + 1) % tc.save_every_steps == 0 and step + 1 < total_steps:
+        if tc.save_every_steps and done % tc.save_every_steps == 0 and done < total_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_checkpoint(ckpt, raw_model, optimizer, scheduler, step + 1, partial.stat().st_size)
+                _save_checkpoint(stage_dir / CHECKPOINT, raw_model, optimizer, scheduler, done,
+                                 (stage_dir / PARTIAL).stat().st_size)
     bar.close()
     if tb is not None:
         tb.close()
-    if max_steps is not None and step + 1 < total_steps:
+    if end < total_steps:
         return {"stopped_at": max_steps}
 
     accelerator.wait_for_everyone()
     summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
                "seconds": time.perf_counter() - t_start}
-    if accelerator.is_main_process:
-        _save_hf(raw_model, tokenizer, stage_dir / "model")
-        os.replace(partial, stage_dir / METRICS)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        mark_done(stage_dir, summary)  # last: everything above is in place
-    accelerator.wait_for_everyone()
+    _finish(accelerator, raw_model, tokenizer, stage_dir, summary)
     return summary
 
 
