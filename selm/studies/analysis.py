@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from selm.data import PairRecord
-from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_json, read_jsonl
+from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_jsonl
 from selm.studies.study import arm_config, Arm, load_study
 
 HELDOUT_PROMPTS = 48
@@ -62,25 +62,22 @@ def heldout_pairs(out: Path) -> Path:
 
 
 def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Tensor]:
-    from contextlib import nullcontext
+    """Summed log-probs of chosen and rejected under the model at `model_path`, kind -> (N,) float32.
 
-    from selm.objective.logprobs import COLLATORS, ResponseLogps, batch_logps, tokenize_pairs
+    Scored as training scores its reference (same scoring path, layout, precision and device: CUDA
+    when there is one), so these log-probs match the ones training used.
+    """
+    from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_pairs
     from selm.models import load_causal_lm, load_tokenizer
+    from selm.stages.train import autocast_dtype
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype).eval()
+    model = load_causal_lm(model_path, cfg.model.dtype).to(device)
     ex = tokenize_pairs(tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
                         with_exploration=False)
-    module = ResponseLogps(model)
-    out = {"chosen": [], "rejected": []}
-    # The same layout and precision as training, so these log-probs match the ones training used.
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
-    with torch.no_grad(), autocast:
-        for i in range(0, len(ex), cfg.train.ref_batch_size):
-            lp = batch_logps(module, COLLATORS[cfg.train.layout](ex[i:i + cfg.train.ref_batch_size], tok.pad_token_id))
-            for k in out:
-                out[k].append(lp[k].float())
-    return {k: torch.cat(v) for k, v in out.items()}
+    return score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
+                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train))
 
 
 def implicit_rewards(out: Path) -> Path:
