@@ -31,7 +31,7 @@ def _gguf_path(name_or_path: str, gguf_file: str) -> Path:
     return p
 
 
-def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
+def convert_gguf(gguf: Path, out: Path, dtype: str) -> Path:
     """Dequantise a GGUF file with transformers (needs the `gguf` package) into a safetensors folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -314,7 +314,7 @@ def encode_for_generation(tokenizer, prompts: Sequence[Messages | str]) -> list[
 class HFGenerator:
     """Our decoding loop over an already-loaded Hugging Face causal LM (on any device)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int):
         if batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
         self.model = model.eval()
@@ -348,8 +348,8 @@ class HFGenerator:
 BACKENDS = ("hf",)
 
 
-def build_generator(backend: str, model_path: str | Path, *, dtype: str = "float32",
-                    trust_remote_code: bool = False, batch_size: int = 16, device: str | None = None) -> Generator:
+def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
+                    batch_size: int, device: str | None = None) -> Generator:
     """Load a model folder into a generation backend. device: None picks CUDA when available."""
     if backend != "hf":
         raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")

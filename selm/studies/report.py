@@ -13,9 +13,7 @@ from pathlib import Path
 
 from selm.io import atomic_write_text, read_json, read_jsonl
 from selm.stats import hierarchical_ci, mean, outcomes
-from selm.studies.study import load_study
-
-SAMPLES = 1000
+from selm.studies.study import arm_configs, load_study
 
 
 def _eval_rows(run: Path, t: int) -> dict[str, dict] | None:
@@ -28,9 +26,11 @@ def collect(out: Path) -> dict:
     study = load_study(out)
     arms = [a["name"] for a in study["arms"]]
     seeds = study["seeds"]
-    T = int(study["base"].get("loop", {}).get("iterations", 3))
+    cfgs = arm_configs(study)
+    shared = cfgs[arms[0]]
+    T, samples = shared.loop.iterations, shared.evaluate.bootstrap_samples
     data: dict = {"arms": arms, "seeds": seeds, "iterations": T, "title": study["title"],
-                  "alphas": {a["name"]: _alpha_of(a, study["base"]) for a in study["arms"]}}
+                  "alphas": {name: cfg.train.alpha for name, cfg in cfgs.items()}}
     per_arm = {}
     for arm in arms:
         rows = {"win_vs_start": [], "gold": [], "length": [], "cut_off": [], "gold_all": []}
@@ -46,10 +46,10 @@ def collect(out: Path) -> dict:
                 golds.append([cur[i]["gold"] for i in ids])
                 lengths.append([cur[i]["length_tokens"] for i in ids])
                 cut.append([float(not cur[i].get("finished", True)) for i in ids])
-            rows["win_vs_start"].append(_summary(wins))
-            rows["gold"].append(_summary(golds))
-            rows["length"].append(_summary(lengths))
-            rows["cut_off"].append(_summary(cut))
+            rows["win_vs_start"].append(_summary(wins, samples))
+            rows["gold"].append(_summary(golds, samples))
+            rows["length"].append(_summary(lengths, samples))
+            rows["cut_off"].append(_summary(cut, samples))
             rows["gold_all"].append([g for grp in golds for g in grp])
         rows["curves"] = _curves(out / arm / f"seed_{seeds[0]}", T)
         per_arm[arm] = rows
@@ -63,7 +63,7 @@ def collect(out: Path) -> dict:
                 if a and b:
                     ids = sorted(a)
                     groups.append(outcomes([a[i]["gold"] for i in ids], [b[i]["gold"] for i in ids]))
-            h2h.append(_summary(groups))
+            h2h.append(_summary(groups, samples))
         data["head_to_head"] = h2h
         data["examples"] = _examples(out, seeds[0], T)
     ir = out / "analysis" / "implicit_rewards.json"
@@ -72,18 +72,12 @@ def collect(out: Path) -> dict:
     return data
 
 
-def _alpha_of(arm: dict, base: dict) -> float:
-    for o in arm["overrides"]:
-        if o.startswith("train.alpha="):
-            return float(o.split("=", 1)[1])
-    return float(base.get("train", {}).get("alpha", 1e-3))
-
-
-def _summary(groups: list[list[float]]) -> dict:
+def _summary(groups: list[list[float]], samples: int) -> dict:
+    """Mean and 95% interval (`samples` bootstrap resamples) of values grouped by seed."""
     flat = [x for g in groups for x in g]
     if not flat:
         return {"mean": None, "ci95": [None, None], "n": 0}
-    lo, hi = hierarchical_ci(groups, samples=SAMPLES, seed=0)
+    lo, hi = hierarchical_ci(groups, samples=samples, seed=0)
     return {"mean": mean(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups)}
 
 
