@@ -32,7 +32,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from selm.config import RankConfig
@@ -171,20 +170,6 @@ class PairwiseRanker(Ranker):
 # Reward model
 
 
-def _model_dir(name: str, key: str) -> Path:
-    """A local folder, or a hub id already in the local cache (runs are offline)."""
-    path = Path(os.path.expanduser(name))
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise RankerError(f"{key}.model: {name!r} is not a local folder nor a model in the local "
-                          "Hugging Face cache") from None
-
-
 class RewardModelRanker(Ranker):
     """A sequence-classification reward model; score = logit[0] at the last non-pad token.
 
@@ -207,11 +192,14 @@ class RewardModelRanker(Ranker):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from selm.models import check_safetensors, load_tokenizer, quiet_transformers
+        from selm.models import check_safetensors, load_tokenizer, local_model_dir, quiet_transformers
 
         if not cfg.model:
             raise RankerError(f"{key}.model: required when {key}.kind is 'reward_model'")
-        path = _model_dir(cfg.model, key)
+        try:
+            path = local_model_dir(cfg.model, f"{key}.model")
+        except InputError as e:
+            raise RankerError(str(e)) from None
         try:
             check_safetensors(path)
         except InputError as e:
