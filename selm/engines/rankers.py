@@ -34,10 +34,9 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Sequence
 
+from selm.chat import Messages, has_chat_template, plain_prompt
 from selm.config import RankConfig
 from selm.io import InputError
-
-Messages = list[dict[str, str]]
 
 
 class RankerError(InputError):
@@ -217,14 +216,13 @@ class RewardModelRanker(Ranker):
                 raise RankerError(f"{key}.model: {path}: the tokenizer has neither a pad nor an eos token")
             config.pad_token_id = self.tokenizer.pad_token_id
         self.pad_id = int(config.pad_token_id)
-        self.templated = bool(getattr(self.tokenizer, "chat_template", None))
+        self.templated = has_chat_template(self.tokenizer)
 
     def format(self, prompt: Messages, response: str) -> tuple[str, str, str]:
         """The text the reward model reads, in three parts whose concatenation is the full text:
         (prompt incl. the assistant header, response, what the template writes after the response)."""
         if not self.templated:
-            head = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in prompt) + "Assistant:"
-            return head, " " + response, ""
+            return plain_prompt(prompt), " " + response, ""
         full = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
         head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if not full.startswith(head):
