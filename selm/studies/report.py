@@ -118,6 +118,19 @@ def _fmt(s: dict, pct: bool = False) -> str:
     return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
 
 
+def _errbar(ax, xs, summaries: list[dict], label: str, scale: float = 1.0) -> None:
+    """Means with their 95% intervals as error bars, skipping points without data."""
+    pts = [(x, s) for x, s in zip(xs, summaries) if s["mean"] is not None]
+    if not pts:
+        return
+    x = [p[0] for p in pts]
+    m = [p[1]["mean"] * scale for p in pts]
+    lo = [(p[1]["mean"] - p[1]["ci95"][0]) * scale for p in pts]
+    hi = [(p[1]["ci95"][1] - p[1]["mean"]) * scale for p in pts]
+    ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=label)
+    ax.set_xticks(list(xs))
+
+
 def _plots(data: dict, plots: Path) -> list[str]:
     import matplotlib
 
@@ -136,20 +149,9 @@ def _plots(data: dict, plots: Path) -> list[str]:
         tmp.replace(plots / name)
         made.append(name)
 
-    def errbar(ax, xs, summaries, label, scale=1.0):
-        pts = [(x, s) for x, s in zip(xs, summaries) if s["mean"] is not None]
-        if not pts:
-            return
-        x = [p[0] for p in pts]
-        m = [p[1]["mean"] * scale for p in pts]
-        lo = [(p[1]["mean"] - p[1]["ci95"][0]) * scale for p in pts]
-        hi = [(p[1]["ci95"][1] - p[1]["mean"]) * scale for p in pts]
-        ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=label)
-        ax.set_xticks(list(xs))
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
+        _errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="iteration", ylabel="gold win rate vs start model (%)", title="Win rate vs the start model (95% CI)")
     ax.legend()
@@ -157,7 +159,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     if "head_to_head" in data:
         fig, ax = plt.subplots(figsize=(6, 4))
-        errbar(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
+        _errbar(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
         ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="SELM win rate over DPO (%)", title="Head to head, same seed and prompts")
         save(fig, "head_to_head.png")
@@ -175,7 +177,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
     if ir and ir.get("diff"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for kind in ("chosen", "rejected"):
-            errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
+            _errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="implicit reward, SELM - DPO", title="Implicit rewards on held-out pairs")
         ax.legend()
@@ -195,7 +197,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
+        _errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
     ax.set(xlabel="iteration", ylabel="response length (tokens)", title="Evaluation response length")
     ax.legend()
     save(fig, "length.png")
@@ -204,7 +206,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         order = sorted(arms, key=lambda a: data["alphas"][a])
         xs = list(range(len(order)))
-        errbar(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
+        _errbar(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
         ax.set_xticks(xs, [f"{data['alphas'][a]:g}" for a in order])
         ax.set(xlabel="alpha", ylabel="mean gold reward", title="Alpha sweep (95% CI over seeds and prompts)")
         save(fig, "alpha_sweep.png")
