@@ -9,7 +9,8 @@ The loop only sequences stages; each stage reads files and writes files in the r
     DIR/iter_<t>/{generate,rank,pair,train,evaluate}/
 
 Every stage folder gets DONE.json last. A re-run skips finished stages, wipes an unfinished one and
-redoes it from its start -- except training, which resumes from its last checkpoint.
+redoes it from its start -- except training, which resumes from its last checkpoint (io.ensure_stage;
+ITERATION_STAGES says which stage reads which and which resumes).
 """
 
 from __future__ import annotations
