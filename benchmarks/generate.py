@@ -36,11 +36,7 @@ from selm.chat import end_of_turn_ids  # noqa: E402
 from selm.engines.generation import HFGenerator, SamplingParams, encode_for_generation, left_pad  # noqa: E402
 from selm.io import read_jsonl  # noqa: E402
 
-
-def random_smollm2_shape(out: Path) -> Path:
-    from selm.tiny import save_smollm2_shaped
-
-    return save_smollm2_shaped(out)
+from _models import save_smollm2_shaped  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def load_prompts(n: int) -> list[str]:
@@ -118,7 +114,7 @@ def main(argv=None) -> int:
     set_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if a.model == "random-smollm2-135m":
-            path = random_smollm2_shape(Path(tmp) / "model")
+            path = save_smollm2_shaped(Path(tmp) / "model")
         else:
             path = materialize_model(ModelConfig(name_or_path=a.model, dtype=a.dtype), run_dir=Path(tmp))
         tok = load_tokenizer(path)

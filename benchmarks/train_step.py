@@ -77,12 +77,6 @@ def count_params(model_dir: Path) -> int:
     return n
 
 
-def random_smollm2_shape(out: Path) -> Path:
-    from selm.tiny import save_smollm2_shaped
-
-    return save_smollm2_shaped(out)
-
-
 def find_smollm2() -> Path | None:
     """A converted SmolLM2-135M folder in selm's model cache (another tool converts it there)."""
     from selm.models import cache_root
@@ -101,7 +95,9 @@ def resolve_model(name: str, tmp: Path) -> Path:
 
         return save_tiny(tmp / "tiny")
     if name == "random-smollm2-135m":
-        return random_smollm2_shape(tmp / "random-smollm2-135m")
+        from _models import save_smollm2_shaped  # benchmarks/ is on sys.path (run as a script, or memory.py)
+
+        return save_smollm2_shaped(tmp / "random-smollm2-135m")
     if name == "smollm2":
         found = find_smollm2()
         if found is None:

@@ -58,7 +58,9 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _fallback_prompt(messages: Messages) -> str:
+def plain_prompt(messages: Messages) -> str:
+    """The documented fallback for a tokenizer without a chat template (see the module docstring),
+    up to the assistant's header; the policy and a reward model without a template both read it."""
     parts = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
     return "".join(parts) + "Assistant:"
 
@@ -67,7 +69,7 @@ def prompt_text(tokenizer, messages: Messages) -> str:
     """The text the model sees before its response (with the generation prompt)."""
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return _fallback_prompt(messages)
+    return plain_prompt(messages)
 
 
 def response_suffix_text(tokenizer, messages: Messages, response: str, prompt: str | None = None) -> str:

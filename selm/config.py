@@ -73,6 +73,21 @@ class DataConfig:
                 raise ConfigError(f"data.{name}: must be >= 1")
 
 
+def check_sampling(prefix: str, *, num_samples: int, temperature: float, top_p: float, max_new_tokens: int,
+                   sampled_by: str | None) -> None:
+    """The rules of a sampling setup, for the generate config (prefix "generate.") and the generation
+    engine's SamplingParams (prefix ""). `sampled_by` names what asks for sampled responses (None:
+    all are greedy, which needs no temperature)."""
+    if num_samples < 0:
+        raise ConfigError(f"{prefix}num_samples: must be >= 0")
+    if sampled_by is not None and temperature <= 0:
+        raise ConfigError(f"{prefix}temperature: must be > 0 when {sampled_by}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{prefix}top_p: must be in (0, 1]")
+    if max_new_tokens < 1:
+        raise ConfigError(f"{prefix}max_new_tokens: must be >= 1")
+
+
 @dataclass
 class GenerateConfig:
     backend: Literal["hf"] = "hf"
@@ -101,18 +116,13 @@ class GenerateConfig:
     def __post_init__(self):
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("generate.num_threads: must be >= 1 or null")
-        if self.exploration == "sample" and self.temperature <= 0:
-            raise ConfigError("generate.temperature: must be > 0 when generate.exploration is 'sample'")
-        if self.num_samples < 0:
-            raise ConfigError("generate.num_samples: must be >= 0")
-        if self.num_samples > 0 and self.temperature <= 0:
-            raise ConfigError("generate.temperature: must be > 0 when generate.num_samples > 0")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("generate.top_p: must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ConfigError("generate.max_new_tokens: must be >= 1")
+        sampled_by = ("generate.exploration is 'sample'" if self.exploration == "sample" else
+                      "generate.num_samples > 0" if self.num_samples > 0 else None)
+        check_sampling("generate.", num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,
+                       max_new_tokens=self.max_new_tokens, sampled_by=sampled_by)
         if self.batch_size < 1:
             raise ConfigError("generate.batch_size: must be >= 1")
+
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Atomic file writing, JSONL reading with line-numbered errors, and stage done-markers.
+"""Atomic file writing, JSONL reading with line-numbered errors, and the stage protocol.
 
 Every artifact goes to a temporary name in the same folder and is renamed into place, so a crash
-leaves either the old file or the new one, never half of one. A stage's done-marker is written last.
+leaves either the old file or the new one, never half of one. A stage's done-marker is written last
+(see ``ensure_stage``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 DONE_MARKER = "DONE.json"
 
@@ -146,6 +147,28 @@ def is_done(stage_dir: str | os.PathLike) -> bool:
 def mark_done(stage_dir: str | os.PathLike, info: dict | None = None) -> None:
     """Write the stage's done-marker. Call this LAST, after every artifact is in place."""
     atomic_write_json(Path(stage_dir) / DONE_MARKER, info or {})
+
+
+def ensure_stage(stage_dir: str | os.PathLike, build: Callable[[Path], object], *, resume: bool = False) -> dict:
+    """Make sure a stage is done, by the protocol every stage folder follows; returns its done-marker.
+
+    Temporaries a killed process left are removed first. A finished stage (its marker is there) is
+    not run again. Otherwise what an unfinished run left is wiped and ``build(stage_dir)`` redoes the
+    stage from its start -- unless ``resume``: training continues from its own checkpoint. ``build``
+    writes the artifacts and then the marker LAST (``mark_done``); if it fails after that (a check of
+    its output), the marker is removed again, because a failed stage is not done.
+    """
+    path = Path(stage_dir)
+    clean_stale_temporaries(path)
+    if not is_done(path):
+        if not resume and path.exists():
+            shutil.rmtree(path)
+        try:
+            build(path)
+        except BaseException:
+            (path / DONE_MARKER).unlink(missing_ok=True)
+            raise
+    return read_json(path / DONE_MARKER)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -9,24 +9,19 @@ The loop only sequences stages; each stage reads files and writes files in the r
     DIR/iter_<t>/{generate,rank,pair,train,evaluate}/
 
 Every stage folder gets DONE.json last. A re-run skips finished stages, wipes an unfinished one and
-redoes it from its start -- except training, which resumes from its last checkpoint.
+redoes it from its start -- except training, which resumes from its last checkpoint (io.ensure_stage;
+ITERATION_STAGES says which stage reads which and which resumes).
 """
 
 from __future__ import annotations
 
-import shutil
+from functools import partial
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-from selm.config import Config, ConfigError, check_for_loop, config_to_dict, config_to_yaml, load_yaml, save_config
-from selm.io import InputError, atomic_write_jsonl, clean_stale_temporaries, is_done, mark_done, read_json
-
-STAGES = ("generate", "rank", "pair", "train", "evaluate")
-
-
-def stage_count(cfg: Config) -> int:
-    """Stages a full run executes (for progress bars)."""
-    per_iter = len(STAGES) - (0 if cfg.evaluate.enabled else 1)
-    return cfg.loop.iterations * per_iter + (1 if cfg.evaluate.enabled else 0)
+from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
+from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
+                     mark_done, read_json)
 
 
 def stage_dir(out: Path, t: int, stage: str) -> Path:
@@ -79,12 +74,14 @@ def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
 
 
 def prepare_data(cfg: Config, out: Path) -> Path:
+    d = Path(out) / "data"
+    ensure_stage(d, partial(_split_data, cfg))
+    return d
+
+
+def _split_data(cfg: Config, d: Path) -> None:
     from selm.data import load_prompts, split_prompts
 
-    d = Path(out) / "data"
-    clean_stale_temporaries(d)
-    if is_done(d):
-        return d
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: required to run the loop")
     prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
@@ -101,88 +98,115 @@ def prepare_data(cfg: Config, out: Path) -> Path:
         atomic_write_jsonl(d / f"train_{t}.jsonl", part)
     atomic_write_jsonl(d / "eval.jsonl", held)
     mark_done(d, {"train_slices": [len(s) for s in slices], "eval": len(held)})
-    return d
 
 
-def _fresh(sd: Path) -> None:
-    """An unfinished stage is redone from its start: clear what a killed run left."""
-    if sd.exists() and not is_done(sd):
-        shutil.rmtree(sd)
+def _seed(cfg: Config, t: int) -> int:
+    return cfg.seed * 1000 + t
+
+
+def _generate(cfg: Config, out: Path, t: int, sd: Path) -> None:
+    from selm.stages.generate import run_generate
+
+    run_generate(cfg, model_for_iteration(cfg, out, t), out / "data" / f"train_{t}.jsonl", sd, seed=_seed(cfg, t))
+
+
+def _rank(cfg: Config, out: Path, t: int, sd: Path) -> None:
+    from selm.stages.rank import run_rank
+
+    run_rank(cfg, stage_dir(out, t, "generate") / "generations.jsonl", sd)
+
+
+def _pair(cfg: Config, out: Path, t: int, sd: Path) -> None:
+    from selm.stages.pair import run_pair
+
+    stats = run_pair(stage_dir(out, t, "rank") / "scores.jsonl", sd, min_margin=cfg.pair.min_margin,
+                     missing_eos_penalty=cfg.pair.missing_eos_penalty)
+    if stats["pairs"] == 0:
+        raise InputError(f"{sd}: iteration {t} produced no preference pairs "
+                         f"({stats['ties_dropped']} ties); lower pair.min_margin or add candidates")
+
+
+def _train(cfg: Config, out: Path, t: int, sd: Path) -> None:
+    from selm.stages.train import run_train
+
+    run_train(cfg, stage_dir(out, t, "pair") / "pairs.jsonl", model_for_iteration(cfg, out, t), sd,
+              learning_rate=cfg.lr_for_iteration(t), seed=_seed(cfg, t))
+
+
+class Stage(NamedTuple):
+    after: str | None
+    """The stage of the same iteration whose output this one reads."""
+    run: Callable[[Config, Path, int, Path], None]
+    """run(cfg, run folder, iteration, stage folder): writes the stage folder, DONE.json last."""
+    resumes: bool = False
+    """Continues from its own checkpoint (and keeps its reference cache) instead of starting over."""
+
+
+# The stages of an iteration before its evaluation (which also runs for iteration 0: _evaluate).
+ITERATION_STAGES = {
+    "generate": Stage(None, _generate),
+    "rank": Stage("generate", _rank),
+    "pair": Stage("rank", _pair),
+    "train": Stage("pair", _train, resumes=True),
+}
+STAGES = (*ITERATION_STAGES, "evaluate")
+
+
+def stage_count(cfg: Config) -> int:
+    """Stages a full run executes (for progress bars)."""
+    per_iter = len(STAGES) - (0 if cfg.evaluate.enabled else 1)
+    return cfg.loop.iterations * per_iter + (1 if cfg.evaluate.enabled else 0)
 
 
 def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
     """Run one stage of iteration t if it is not done; its inputs must be done. Returns its marker."""
     out = Path(out)
-    sd = stage_dir(out, t, stage)
-    if is_done(sd):
-        return read_json(sd / "DONE.json")
-    data = prepare_data(cfg, out)
-    seed = cfg.seed * 1000 + t
     if stage == "evaluate":
-        if not cfg.evaluate.enabled:
-            raise ConfigError("evaluate.enabled: is false")
         return _evaluate(cfg, out, t)
-    if t < 1 or t > cfg.loop.iterations:
-        raise InputError(f"--iteration: must be in 1..{cfg.loop.iterations}")
-    prev = {"rank": "generate", "pair": "rank", "train": "pair"}.get(stage)
-    if prev and not is_done(stage_dir(out, t, prev)):
-        raise InputError(f"{stage_dir(out, t, prev)}: not finished; run `selm {prev}` for iteration {t} first")
-    if stage == "generate":
-        from selm.stages.generate import run_generate
-
-        _fresh(sd)
-        run_generate(cfg, model_for_iteration(cfg, out, t), data / f"train_{t}.jsonl", sd, seed=seed)
-    elif stage == "rank":
-        from selm.stages.rank import run_rank
-
-        _fresh(sd)
-        run_rank(cfg, stage_dir(out, t, "generate") / "generations.jsonl", sd)
-    elif stage == "pair":
-        from selm.stages.pair import run_pair
-
-        _fresh(sd)
-        stats = run_pair(stage_dir(out, t, "rank") / "scores.jsonl", sd, min_margin=cfg.pair.min_margin,
-                         missing_eos_penalty=cfg.pair.missing_eos_penalty)
-        if stats["pairs"] == 0:
-            raise InputError(f"{sd}: iteration {t} produced no preference pairs "
-                             f"({stats['ties_dropped']} ties); lower pair.min_margin or add candidates")
-    elif stage == "train":
-        from selm.stages.train import run_train
-
-        # Not wiped: training resumes from its own checkpoint and reuses its reference cache.
-        clean_stale_temporaries(sd)
-        run_train(cfg, stage_dir(out, t, "pair") / "pairs.jsonl", model_for_iteration(cfg, out, t), sd,
-                  learning_rate=cfg.lr_for_iteration(t), seed=seed)
-    else:
+    if stage not in ITERATION_STAGES:
         raise InputError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-    return read_json(sd / "DONE.json")
+    spec = ITERATION_STAGES[stage]
+
+    def build(sd: Path) -> None:
+        prepare_data(cfg, out)
+        if t < 1 or t > cfg.loop.iterations:
+            raise InputError(f"--iteration: must be in 1..{cfg.loop.iterations}")
+        prev = stage_dir(out, t, spec.after) if spec.after else None
+        if prev and not is_done(prev):
+            raise InputError(f"{prev}: not finished; run `selm {spec.after}` for iteration {t} first")
+        spec.run(cfg, out, t, sd)
+
+    return ensure_stage(stage_dir(out, t, stage), build, resume=spec.resumes)
 
 
 def _evaluate(cfg: Config, out: Path, t: int) -> dict:
-    from selm.stages.evaluate import run_evaluate
+    """Evaluate iteration t's model (t = 0: the start model, the baseline) if not done; returns its marker."""
 
-    sd = stage_dir(out, t, "evaluate")
-    if t == 0:
-        model = start_model_path(cfg, out)
-        baselines = {}
-    else:
-        train = stage_dir(out, t, "train")
-        if not is_done(train):
-            raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
-        model = train / "model"
-        baselines = {"start": _evaluated(cfg, out, 0)}
-        if t > 1:
-            baselines["previous"] = _evaluated(cfg, out, t - 1)
-    _fresh(sd)
-    run_evaluate(cfg, model, Path(out) / "data" / "eval.jsonl", sd, baselines=baselines, seed=cfg.seed)
-    return read_json(sd / "DONE.json")
+    def build(sd: Path) -> None:
+        from selm.stages.evaluate import run_evaluate
+
+        prepare_data(cfg, out)
+        if not cfg.evaluate.enabled:
+            raise ConfigError("evaluate.enabled: is false")
+        if t == 0:
+            model = start_model_path(cfg, out)
+            baselines = {}
+        else:
+            train = stage_dir(out, t, "train")
+            if not is_done(train):
+                raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
+            model = train / "model"
+            baselines = {"start": _evaluated(cfg, out, 0)}
+            if t > 1:
+                baselines["previous"] = _evaluated(cfg, out, t - 1)
+        run_evaluate(cfg, model, out / "data" / "eval.jsonl", sd, baselines=baselines, seed=cfg.seed)
+
+    return ensure_stage(stage_dir(out, t, "evaluate"), build)
 
 
 def _evaluated(cfg: Config, out: Path, t: int) -> Path:
-    sd = stage_dir(out, t, "evaluate")
-    if not is_done(sd):
-        _evaluate(cfg, out, t)
-    return sd
+    _evaluate(cfg, out, t)
+    return stage_dir(out, t, "evaluate")
 
 
 def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_stage=None) -> dict:
@@ -222,7 +246,7 @@ def summarize(out: Path, iterations: int) -> dict:
             row["gold_mean"] = m["gold_mean"]
             for name, w in m.get("win_rates", {}).items():
                 row[f"win_rate_vs_{name}"] = w["win_rate"]
-        pair = stage_dir(out, t, "pair") / "DONE.json"
+        pair = stage_dir(out, t, "pair") / DONE_MARKER
         if pair.is_file():
             row["pairs"] = read_json(pair).get("pairs")
         rows.append(row)
@@ -251,7 +275,7 @@ def status(out: Path) -> list[tuple[str, str, str]]:
 
 def _state(sd: Path) -> tuple[str, str]:
     if is_done(sd):
-        info = read_json(sd / "DONE.json")
+        info = read_json(sd / DONE_MARKER)
         keys = ("pairs", "ties_dropped", "prompts", "steps", "gold_mean", "samples", "scored", "skipped")
         detail = ", ".join(f"{k}={info[k]:.4g}" if isinstance(info[k], float) else f"{k}={info[k]}"
                            for k in keys if k in info)

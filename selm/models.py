@@ -31,7 +31,7 @@ def _gguf_path(name_or_path: str, gguf_file: str) -> Path:
     return p
 
 
-def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
+def convert_gguf(gguf: Path, out: Path, dtype: str) -> Path:
     """Dequantise a GGUF file with transformers (needs the `gguf` package) into a safetensors folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,19 +119,21 @@ def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> 
         return _converted(gguf, model_cfg.dtype)
     if model_cfg.gguf_file:
         return _converted(_gguf_path(model_cfg.name_or_path, model_cfg.gguf_file), model_cfg.dtype)
-    path = Path(os.path.expanduser(model_cfg.name_or_path))
+    return local_model_dir(model_cfg.name_or_path, "model.name_or_path")
+
+
+def local_model_dir(name: str, key: str) -> Path:
+    """A local folder, or a hub id resolved from the local Hugging Face cache only (runs are offline).
+    `key` is the config key that named it, for the error."""
+    path = Path(os.path.expanduser(name))
     if path.is_dir():
         return path
-    # A hub id: resolve it from the local cache only (runs are offline).
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model_cfg.name_or_path, local_files_only=True))
+        return Path(snapshot_download(name, local_files_only=True))
     except Exception:
-        raise InputError(
-            f"model.name_or_path: {model_cfg.name_or_path!r} is not a local folder nor a model in the local "
-            "Hugging Face cache"
-        ) from None
+        raise InputError(f"{key}: {name!r} is not a local folder nor a model in the local Hugging Face cache") from None
 
 
 def check_safetensors(path: Path) -> None:

@@ -10,7 +10,7 @@ def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def bootstrap_ci(values: Sequence[float], *, samples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], *, samples: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (resampling the values)."""
     n = len(values)
     if n == 0:
@@ -29,7 +29,7 @@ def outcomes(a: Sequence[float], b: Sequence[float], tol: float = 0.0) -> list[f
     return [0.5 if abs(x - y) <= tol else float(x > y) for x, y in zip(a, b)]
 
 
-def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int = 1000, seed: int = 0) -> dict:
+def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int, seed: int = 0) -> dict:
     """Win rate of a over b (ties count half) with a bootstrap 95% interval over prompts."""
     o = outcomes(a, b)
     lo, hi = bootstrap_ci(o, samples=samples, seed=seed)
@@ -37,7 +37,7 @@ def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int = 1000, see
             "ties": sum(x == 0.5 for x in o), "losses": sum(x == 0 for x in o), "n": len(o)}
 
 
-def hierarchical_ci(groups: Sequence[Sequence[float]], *, samples: int = 1000, seed: int = 0,
+def hierarchical_ci(groups: Sequence[Sequence[float]], *, samples: int, seed: int = 0,
                     level: float = 0.95) -> tuple[float, float]:
     """Bootstrap interval of the overall mean when values come in groups (e.g. seeds x prompts):
     resample the groups, then the values within each, so both sources of variation count."""

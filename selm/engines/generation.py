@@ -29,30 +29,25 @@ from typing import NamedTuple, Protocol, Sequence
 import torch
 
 from selm.chat import Messages, decode_response, encode_prompt, end_of_turn_ids, normalize_prompt
+from selm.config import check_sampling
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     num_samples: int = 1
     """Sampled responses per prompt (temperature/top_p); 0 for none."""
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    max_new_tokens: int
     include_greedy: bool = False
     """Also return one greedy response per prompt, after the samples (it shares their prefill)."""
     seed: int = 0
 
     def __post_init__(self):
-        if self.num_samples < 0:
-            raise ValueError("num_samples: must be >= 0")
+        check_sampling("", num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,
+                       max_new_tokens=self.max_new_tokens, sampled_by="num_samples > 0" if self.num_samples else None)
         if self.num_samples + self.include_greedy == 0:
             raise ValueError("num_samples: must be >= 1 unless include_greedy")
-        if self.num_samples > 0 and self.temperature <= 0:
-            raise ValueError("temperature: must be > 0 for sampling (use include_greedy for greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p: must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens: must be >= 1")
 
     @property
     def rows_per_prompt(self) -> int:
@@ -319,7 +314,7 @@ def encode_for_generation(tokenizer, prompts: Sequence[Messages | str]) -> list[
 class HFGenerator:
     """Our decoding loop over an already-loaded Hugging Face causal LM (on any device)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int):
         if batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
         self.model = model.eval()
@@ -353,8 +348,8 @@ class HFGenerator:
 BACKENDS = ("hf",)
 
 
-def build_generator(backend: str, model_path: str | Path, *, dtype: str = "float32",
-                    trust_remote_code: bool = False, batch_size: int = 16, device: str | None = None) -> Generator:
+def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
+                    batch_size: int, device: str | None = None) -> Generator:
     """Load a model folder into a generation backend. device: None picks CUDA when available."""
     if backend != "hf":
         raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")

@@ -32,13 +32,11 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from selm.chat import Messages, has_chat_template, plain_prompt
 from selm.config import RankConfig
 from selm.io import InputError
-
-Messages = list[dict[str, str]]
 
 
 class RankerError(InputError):
@@ -171,20 +169,6 @@ class PairwiseRanker(Ranker):
 # Reward model
 
 
-def _model_dir(name: str, key: str) -> Path:
-    """A local folder, or a hub id already in the local cache (runs are offline)."""
-    path = Path(os.path.expanduser(name))
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise RankerError(f"{key}.model: {name!r} is not a local folder nor a model in the local "
-                          "Hugging Face cache") from None
-
-
 class RewardModelRanker(Ranker):
     """A sequence-classification reward model; score = logit[0] at the last non-pad token.
 
@@ -207,11 +191,14 @@ class RewardModelRanker(Ranker):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from selm.models import check_safetensors, load_tokenizer, quiet_transformers
+        from selm.models import check_safetensors, load_tokenizer, local_model_dir, quiet_transformers
 
         if not cfg.model:
             raise RankerError(f"{key}.model: required when {key}.kind is 'reward_model'")
-        path = _model_dir(cfg.model, key)
+        try:
+            path = local_model_dir(cfg.model, f"{key}.model")
+        except InputError as e:
+            raise RankerError(str(e)) from None
         try:
             check_safetensors(path)
         except InputError as e:
@@ -229,14 +216,13 @@ class RewardModelRanker(Ranker):
                 raise RankerError(f"{key}.model: {path}: the tokenizer has neither a pad nor an eos token")
             config.pad_token_id = self.tokenizer.pad_token_id
         self.pad_id = int(config.pad_token_id)
-        self.templated = bool(getattr(self.tokenizer, "chat_template", None))
+        self.templated = has_chat_template(self.tokenizer)
 
     def format(self, prompt: Messages, response: str) -> tuple[str, str, str]:
         """The text the reward model reads, in three parts whose concatenation is the full text:
         (prompt incl. the assistant header, response, what the template writes after the response)."""
         if not self.templated:
-            head = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in prompt) + "Assistant:"
-            return head, " " + response, ""
+            return plain_prompt(prompt), " " + response, ""
         full = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
         head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if not full.startswith(head):

@@ -55,7 +55,7 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     greedy = ev.temperature == 0
     samples = [r[0] for r in generate_samples(
         model, tokenizer, [p["prompt"] for p in prompts], num_samples=1,
-        temperature=ev.temperature if not greedy else 1.0, top_p=1.0, max_new_tokens=ev.max_new_tokens,
+        temperature=ev.temperature, top_p=1.0, max_new_tokens=ev.max_new_tokens,
         greedy=greedy, batch_size=ev.batch_size, seed=seed, progress="evaluate: generate")]
     del model
     texts = [s.text for s in samples]

@@ -31,8 +31,6 @@ from selm.chat import normalize_prompt, response_text_of
 from selm.config import Config
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, iter_jsonl, mark_done
 
-SOURCES = ("sample", "greedy", "explore_sample", "dataset_chosen", "dataset_rejected")
-
 
 def read_prompt_rows(path: Path) -> list[dict]:
     """Validated prompt rows: {"prompt_id": str, "prompt": messages, "chosen": str|None, "rejected": str|None}."""

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from selm.chat import normalize_prompt
 from selm.config import Config, RankConfig
-from selm.io import (DONE_MARKER, InputError, atomic_write_json, atomic_write_jsonl, clean_stale_temporaries,
-                     iter_jsonl, mark_done)
+from selm.io import InputError, atomic_write_json, atomic_write_jsonl, iter_jsonl, mark_done
 from selm.engines.rankers import Ranker, RankerError, build_ranker
 
 PROMPTS_PER_CALL = 8
@@ -114,8 +113,6 @@ def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg
     rc = ranker_cfg or cfg.rank
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(stage_dir)
-    (stage_dir / DONE_MARKER).unlink(missing_ok=True)  # an old marker must not vouch for new files
     t0 = time.perf_counter()
     records = read_generations(Path(generations_path))
     set_threads(cfg.generate.num_threads)

@@ -14,7 +14,7 @@ import torch
 
 from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_jsonl
-from selm.studies.study import arm_config, Arm, load_study
+from selm.studies.study import arm_config, arm_configs, Arm, load_study
 
 HELDOUT_PROMPTS = 48
 
@@ -93,7 +93,8 @@ def implicit_rewards(out: Path) -> Path:
     if not rows:
         return dest
     pairs = [PairRecord(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-    T = int(study["base"].get("loop", {}).get("iterations", 3))
+    shared = next(iter(arm_configs(study).values()))
+    T = shared.loop.iterations
     per: dict = {}
     start_cache: dict = {}
     for a in study["arms"]:
@@ -124,7 +125,7 @@ def implicit_rewards(out: Path) -> Path:
                     a, b = per.get(f"selm/{s}/{t}"), per.get(f"dpo/{s}/{t}")
                     if a and b:
                         groups.append([x - y for x, y in zip(a[kind], b[kind])])
-                entry[kind] = _summary(groups)
+                entry[kind] = _summary(groups, shared.evaluate.bootstrap_samples)
             diff.append(entry)
     atomic_write_json(dest, {
         "description": (f"{len(rows)} held-out pairs: two start-model samples per evaluation prompt, ranked by the "

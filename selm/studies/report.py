@@ -13,9 +13,7 @@ from pathlib import Path
 
 from selm.io import atomic_write_text, read_json, read_jsonl
 from selm.stats import hierarchical_ci, mean, outcomes
-from selm.studies.study import load_study
-
-SAMPLES = 1000
+from selm.studies.study import arm_configs, load_study
 
 
 def _eval_rows(run: Path, t: int) -> dict[str, dict] | None:
@@ -28,9 +26,11 @@ def collect(out: Path) -> dict:
     study = load_study(out)
     arms = [a["name"] for a in study["arms"]]
     seeds = study["seeds"]
-    T = int(study["base"].get("loop", {}).get("iterations", 3))
+    cfgs = arm_configs(study)
+    shared = cfgs[arms[0]]
+    T, samples = shared.loop.iterations, shared.evaluate.bootstrap_samples
     data: dict = {"arms": arms, "seeds": seeds, "iterations": T, "title": study["title"],
-                  "alphas": {a["name"]: _alpha_of(a, study["base"]) for a in study["arms"]}}
+                  "alphas": {name: cfg.train.alpha for name, cfg in cfgs.items()}}
     per_arm = {}
     for arm in arms:
         rows = {"win_vs_start": [], "gold": [], "length": [], "cut_off": [], "gold_all": []}
@@ -46,10 +46,10 @@ def collect(out: Path) -> dict:
                 golds.append([cur[i]["gold"] for i in ids])
                 lengths.append([cur[i]["length_tokens"] for i in ids])
                 cut.append([float(not cur[i].get("finished", True)) for i in ids])
-            rows["win_vs_start"].append(_summary(wins))
-            rows["gold"].append(_summary(golds))
-            rows["length"].append(_summary(lengths))
-            rows["cut_off"].append(_summary(cut))
+            rows["win_vs_start"].append(_summary(wins, samples))
+            rows["gold"].append(_summary(golds, samples))
+            rows["length"].append(_summary(lengths, samples))
+            rows["cut_off"].append(_summary(cut, samples))
             rows["gold_all"].append([g for grp in golds for g in grp])
         rows["curves"] = _curves(out / arm / f"seed_{seeds[0]}", T)
         per_arm[arm] = rows
@@ -63,7 +63,7 @@ def collect(out: Path) -> dict:
                 if a and b:
                     ids = sorted(a)
                     groups.append(outcomes([a[i]["gold"] for i in ids], [b[i]["gold"] for i in ids]))
-            h2h.append(_summary(groups))
+            h2h.append(_summary(groups, samples))
         data["head_to_head"] = h2h
         data["examples"] = _examples(out, seeds[0], T)
     ir = out / "analysis" / "implicit_rewards.json"
@@ -72,18 +72,12 @@ def collect(out: Path) -> dict:
     return data
 
 
-def _alpha_of(arm: dict, base: dict) -> float:
-    for o in arm["overrides"]:
-        if o.startswith("train.alpha="):
-            return float(o.split("=", 1)[1])
-    return float(base.get("train", {}).get("alpha", 1e-3))
-
-
-def _summary(groups: list[list[float]]) -> dict:
+def _summary(groups: list[list[float]], samples: int) -> dict:
+    """Mean and 95% interval (`samples` bootstrap resamples) of values grouped by seed."""
     flat = [x for g in groups for x in g]
     if not flat:
         return {"mean": None, "ci95": [None, None], "n": 0}
-    lo, hi = hierarchical_ci(groups, samples=SAMPLES, seed=0)
+    lo, hi = hierarchical_ci(groups, samples=samples, seed=0)
     return {"mean": mean(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups)}
 
 
@@ -124,6 +118,19 @@ def _fmt(s: dict, pct: bool = False) -> str:
     return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
 
 
+def _errbar(ax, xs, summaries: list[dict], label: str, scale: float = 1.0) -> None:
+    """Means with their 95% intervals as error bars, skipping points without data."""
+    pts = [(x, s) for x, s in zip(xs, summaries) if s["mean"] is not None]
+    if not pts:
+        return
+    x = [p[0] for p in pts]
+    m = [p[1]["mean"] * scale for p in pts]
+    lo = [(p[1]["mean"] - p[1]["ci95"][0]) * scale for p in pts]
+    hi = [(p[1]["ci95"][1] - p[1]["mean"]) * scale for p in pts]
+    ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=label)
+    ax.set_xticks(list(xs))
+
+
 def _plots(data: dict, plots: Path) -> list[str]:
     import matplotlib
 
@@ -142,20 +149,9 @@ def _plots(data: dict, plots: Path) -> list[str]:
         tmp.replace(plots / name)
         made.append(name)
 
-    def errbar(ax, xs, summaries, label, scale=1.0):
-        pts = [(x, s) for x, s in zip(xs, summaries) if s["mean"] is not None]
-        if not pts:
-            return
-        x = [p[0] for p in pts]
-        m = [p[1]["mean"] * scale for p in pts]
-        lo = [(p[1]["mean"] - p[1]["ci95"][0]) * scale for p in pts]
-        hi = [(p[1]["ci95"][1] - p[1]["mean"]) * scale for p in pts]
-        ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=label)
-        ax.set_xticks(list(xs))
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
+        _errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="iteration", ylabel="gold win rate vs start model (%)", title="Win rate vs the start model (95% CI)")
     ax.legend()
@@ -163,7 +159,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     if "head_to_head" in data:
         fig, ax = plt.subplots(figsize=(6, 4))
-        errbar(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
+        _errbar(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
         ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="SELM win rate over DPO (%)", title="Head to head, same seed and prompts")
         save(fig, "head_to_head.png")
@@ -181,7 +177,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
     if ir and ir.get("diff"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for kind in ("chosen", "rejected"):
-            errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
+            _errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="implicit reward, SELM - DPO", title="Implicit rewards on held-out pairs")
         ax.legend()
@@ -201,7 +197,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
+        _errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
     ax.set(xlabel="iteration", ylabel="response length (tokens)", title="Evaluation response length")
     ax.legend()
     save(fig, "length.png")
@@ -210,7 +206,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         order = sorted(arms, key=lambda a: data["alphas"][a])
         xs = list(range(len(order)))
-        errbar(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
+        _errbar(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
         ax.set_xticks(xs, [f"{data['alphas'][a]:g}" for a in order])
         ax.set(xlabel="alpha", ylabel="mean gold reward", title="Alpha sweep (95% CI over seeds and prompts)")
         save(fig, "alpha_sweep.png")

@@ -21,8 +21,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selm.config import ConfigError, apply_overrides, config_from_dict
-from selm.io import atomic_write_json, is_done, mark_done, read_json
+from selm.config import Config, ConfigError, apply_overrides, config_from_dict
+from selm.io import atomic_write_json, is_done, read_json
 
 SHAREABLE = ("iter_0/evaluate", "iter_1/generate", "iter_1/rank", "iter_1/pair")
 
@@ -33,9 +33,16 @@ class Arm:
     overrides: list[str] = field(default_factory=list)
 
 
-def arm_config(base: dict, arm: Arm, seed: int):
+def arm_config(base: dict, arm: Arm, seed: int) -> Config:
     data = apply_overrides(copy.deepcopy(base), list(arm.overrides) + [f"seed={seed}"])
     return config_from_dict(data)
+
+
+def arm_configs(study: dict) -> dict[str, Config]:
+    """Each arm's config (at the study's first seed), read from study.json with the config's defaults.
+    Arms differ only in their overrides: any of them gives the settings they share (iterations,
+    bootstrap samples)."""
+    return {a["name"]: arm_config(study["base"], Arm(**a), study["seeds"][0]) for a in study["arms"]}
 
 
 def _training_only(overrides: list[str]) -> bool:
