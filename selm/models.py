@@ -185,8 +185,8 @@ def set_threads(num_threads: int | None) -> None:
 def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """Serve allocations above threshold_bytes with their own mmap, so freed tensors go back to the
     OS at once. glibc otherwise raises its mmap threshold as large blocks are freed and keeps them
-    in the heap: a training process then holds ~1 GB of freed logits and activations as resident
-    memory (notes/train_benchmark.md). Same effect as MALLOC_MMAP_THRESHOLD_ set before start.
+    in the heap: a training process then keeps freed logits and activations as resident memory
+    (measured in BENCHMARKS.md, "Memory", and notes/train_benchmark.md). Same effect as MALLOC_MMAP_THRESHOLD_ set before start.
     Returns False where this is not glibc (nothing changed)."""
     import ctypes
     import ctypes.util

@@ -10,7 +10,7 @@ from selm.data import load_pairs, load_prompts, split_prompts
 from selm.io import InputError
 from selm.stages.pair import pair_record, run_pair
 
-# Six rows in the exact schema of UltraFeedback-binarized (made-up content), from the team's shared data.
+# Six rows in the exact schema of UltraFeedback-binarized (made-up content), kept in tests/data/
 SHARED = Path(__file__).resolve().parent / "data" / "ultrafeedback_binarized_sample.jsonl"
 ROOT = Path(__file__).resolve().parents[1]
 

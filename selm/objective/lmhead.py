@@ -4,14 +4,15 @@ log p(target_m) = z[m, target_m] - logsumexp_v z[m, v], with z = h @ W^T (option
 z = cap * tanh(z / cap)). The plain way materialises z (M x V, e.g. 2,200 x 49,152 x 4 B = 0.43 GB)
 plus its softmax and gradient; here the vocabulary is walked in chunks: the forward keeps a running
 logsumexp and saves only h and the (M,) logsumexp, the backward recomputes each chunk's logits and
-turns them into g * (onehot - softmax) in place. Measured in notes/train_benchmark.md: the same
-values, about the same time as the plain head at 4,096 columns, ~1.5 GB less peak memory per
-SmolLM2-135M training step.
+turns them into g * (onehot - softmax) in place. The values and gradients equal the plain head's
+(tests/test_lmhead.py); the peak memory this saves in a training step is measured in BENCHMARKS.md
+("Memory") and notes/train_benchmark.md.
 
 The chunk width follows the number of rows: on a CPU each (rows x chunk) fp32 block is kept near
-2 M elements (8 MB), which stays in the allocator's reused heap and the caches; 4,096-wide blocks
-(37 MB at 2,269 rows) were page-faulted in afresh each time and made the head 1.6-1.9x slower
-(`benchmarks/lmhead_chunk.py`). Accelerators get far larger blocks (fewer kernel launches).
+2 M elements (8 MB), which stays in the allocator's reused heap and the caches; much wider blocks
+(4,096 columns: 37 MB at 2,269 rows) were page-faulted in afresh each time and made the head
+slower (`benchmarks/lmhead_chunk.py`; the figures are in notes/train_benchmark.md). Accelerators
+get far larger blocks (fewer kernel launches).
 """
 
 from __future__ import annotations

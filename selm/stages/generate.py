@@ -1,5 +1,5 @@
 """The generate stage: k sampled responses and the exploration response y0 for each prompt of an
-iteration, from the iteration's start model (SELM.md, loop step 2).
+iteration, from the iteration's start model (docs/method.md, "The online loop", step 2).
 
 Input: prompts.jsonl rows {"prompt_id", "prompt": [messages], "chosen": str|null, "rejected": str|null}
 (chosen/rejected are the dataset's own responses, when it has them).

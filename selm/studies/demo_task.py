@@ -1,5 +1,5 @@
 """The demo task: upbeat one-sentence answers about mundane topics, with a proxy ranker and a
-distinct gold judge. Both are offline, deterministic and fast (~1 ms per response).
+distinct gold judge. Both are offline, deterministic and fast (timed in notes/demo_task.md, section 3).
 
 - Prompts (selm/data/demo/, built by scripts/build_demo_prompts.py) ask for one sentence about a
   mundane topic ("a tax form", "a queue at the bank"). Training and evaluation topics are disjoint.
