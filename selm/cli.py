@@ -153,18 +153,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from selm.io import InputError
 
+    from selm import dist
+
+    # Under a multi-process launcher every rank runs this; the main rank speaks for all, the others
+    # only about their own errors.
+    who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
     try:
         return _dispatch(args)
     except InputError as e:
-        print(f"selm: error: {e}", file=sys.stderr)
+        print(f"selm: error{who}: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("selm: interrupted; re-run the same command to continue", file=sys.stderr)
+        print(f"selm: interrupted{who}; re-run the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        dist.close()
+
+
+def _say(text: str) -> None:
+    """Print on the main rank only (every rank of a multi-process launch runs the command)."""
+    from selm import dist
+
+    if dist.is_main():
+        print(text)
 
 
 def _dispatch(args) -> int:
     from selm import loop
+    from selm.io import InputError
 
     if args.command == "options":
         for key, tp, default, doc in describe_options():
@@ -177,7 +193,11 @@ def _dispatch(args) -> int:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
         return 0
     if args.command in ("demo", "sweep"):
+        from selm import dist
         from selm.studies.demo import run_demo, run_sweep
+
+        if dist.world_size() > 1:
+            raise InputError(f"selm {args.command}: runs as one process; launch `selm run` under torchrun/accelerate instead")
 
         out = args.output_dir or Path("runs") / args.command
         if args.command == "demo":
@@ -199,11 +219,11 @@ def _dispatch(args) -> int:
         out = args.output_dir or Path("runs") / Path(args.config).stem
         summary = loop.run_loop(cfg, out, allow_config_change=args.continue_with_new_config)
         for row in summary["iterations"]:
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        print(f"run folder: {out}")
+            _say("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _say(f"run folder: {out}")
         return 0
     if args.command == "train" and args.iteration is None:
-        from selm.io import InputError
+        from selm import dist
         from selm.stages.train import run_train
         from selm.models import materialize_model
 
@@ -212,15 +232,16 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
         if not args.pairs.exists():
             raise InputError(f"{args.pairs}: file not found")
-        model = materialize_model(cfg.model, seed=cfg.seed)
+        with dist.main_first():  # the main rank builds or converts it; the others then find it
+            model = materialize_model(cfg.model, seed=cfg.seed)
         summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
                             seed=args.seed)
-        print(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
+        _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
         return 0
     cfg = _load(args)
     loop.check_config(cfg, args.output_dir, allow_change=False)
     info = loop.run_stage(cfg, args.output_dir, args.iteration, args.command)
-    print(f"{args.command} iteration {args.iteration}: done {info}")
+    _say(f"{args.command} iteration {args.iteration}: done {info}")
     return 0
 
 

@@ -158,16 +158,24 @@ def ensure_stage(stage_dir: str | os.PathLike, build: Callable[[Path], object], 
     writes the artifacts and then the marker LAST (``mark_done``); if it fails after that (a check of
     its output), the marker is removed again, because a failed stage is not done.
     """
+    from selm import dist
+
     path = Path(stage_dir)
-    clean_stale_temporaries(path)
+    if dist.is_main():
+        clean_stale_temporaries(path)
     if not is_done(path):
-        if not resume and path.exists():
+        # Under several processes every rank builds (they split the work) but only the main rank
+        # touches the folder's bookkeeping; the others wait for it on both sides.
+        if dist.is_main() and not resume and path.exists():
             shutil.rmtree(path)
+        dist.barrier()
         try:
             build(path)
         except BaseException:
-            (path / DONE_MARKER).unlink(missing_ok=True)
+            if dist.is_main():
+                (path / DONE_MARKER).unlink(missing_ok=True)
             raise
+        dist.barrier()
     return read_json(path / DONE_MARKER)
 
 

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from selm import dist
 from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
 from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
                      mark_done, read_json)
@@ -32,20 +33,20 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     """Save the config into the run folder; refuse a different one for an existing run."""
     check_for_loop(cfg)
     path = Path(out) / "config.yaml"
+    diffs = None  # None: nothing saved yet
     if path.is_file():
-        old = load_yaml(path)
-        new = config_to_dict(cfg)
-        if old != new:
-            diffs = _diff(old, new)
-            if not allow_change:
-                shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
-                raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
-                                  "pass --continue-with-new-config to go on with the new one")
+        diffs = _diff(load_yaml(path), config_to_dict(cfg))
+        if diffs and not allow_change:
+            shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
+            raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
+                              "pass --continue-with-new-config to go on with the new one")
+    dist.barrier()  # every rank has read the saved config before the main rank replaces it
+    if dist.is_main() and diffs != []:
+        if diffs:
             with open(Path(out) / "config_changes.log", "a", encoding="utf-8") as f:
                 f.write("; ".join(diffs) + "\n")
-        else:
-            return
-    save_config(cfg, path)
+        save_config(cfg, path)
+    dist.barrier()
 
 
 def _diff(old, new, prefix="") -> list[str]:
@@ -60,7 +61,8 @@ def _diff(old, new, prefix="") -> list[str]:
 def start_model_path(cfg: Config, out: Path) -> Path:
     from selm.models import materialize_model
 
-    return materialize_model(cfg.model, run_dir=Path(out), seed=cfg.seed)
+    with dist.main_first():  # the main rank builds or converts it; the others then find it there
+        return materialize_model(cfg.model, run_dir=Path(out), seed=cfg.seed)
 
 
 def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
@@ -214,10 +216,11 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
     stage (done or not), e.g. to drive an outer progress bar."""
     out = Path(out)
     on_stage = on_stage or (lambda t, stage: None)
-    out.mkdir(parents=True, exist_ok=True)
-    # A run killed while writing the start model or config.yaml leaves its temporary behind here;
-    # the stages clean their own folders.
-    clean_stale_temporaries(out)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        # A run killed while writing the start model or config.yaml leaves its temporary behind here;
+        # the stages clean their own folders.
+        clean_stale_temporaries(out)
     check_config(cfg, out, allow_config_change)
     prepare_data(cfg, out)
     evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0
@@ -231,7 +234,9 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
             on_stage(t, stage)
             run_stage(cfg, out, t, stage)
     summary = summarize(out, cfg.loop.iterations)
-    mark_done(out, summary)
+    if dist.is_main():
+        mark_done(out, summary)
+    dist.barrier()
     return summary
 
 

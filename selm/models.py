@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from selm.io import AtomicDir, InputError
@@ -160,15 +160,42 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False):
+def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False, *, for_training: bool = False):
+    """The model of a safetensors folder. Under a ZeRO-3 launch, transformers partitions the weights
+    while loading (zero.Init) so that only the DeepSpeed engine holds them: right for training, but a
+    model loaded to generate or score must be whole, so that is turned off unless `for_training`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check_safetensors(path)
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    with nullcontext() if for_training else _whole_weights():
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+
+
+@contextmanager
+def _whole_weights():
+    """Hide transformers' DeepSpeed ZeRO-3 setting (set once a ZeRO-3 training stage ran in this
+    process) for the duration of a load. It lives in a module global; there is no public switch."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def default_device():
+    """This process's device: its own GPU under a multi-process launcher, else the GPU, else the CPU."""
+    import torch
+
+    from selm import dist
+
+    return torch.device(f"cuda:{dist.local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def set_threads(num_threads: int | None) -> None:

@@ -28,6 +28,7 @@ from typing import NamedTuple, Protocol, Sequence
 
 import torch
 
+from selm import dist
 from selm.chat import Messages, decode_response, encode_prompt, end_of_turn_ids, normalize_prompt
 from selm.config import check_sampling
 
@@ -331,18 +332,25 @@ class HFGenerator:
         encoded = encode_for_generation(self.tokenizer, prompts)
         # Longest first: similar lengths share a batch (little padding) and memory peaks early.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        results: list[list[Sample]] = [[] for _ in encoded]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        # Under several processes each rank decodes every world-th batch: the batches are the ones one
+        # process would form, and the random streams are keyed by the prompt's index in `prompts`, so
+        # the merged result is the single-process one, whatever the number of ranks.
+        mine = dist.shard(batches)
+        results: dict[int, list[Sample]] = {}
         R = params.rows_per_prompt
-        with tqdm(total=len(encoded), desc=progress, unit="prompt", disable=progress is None) as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
+        with tqdm(total=sum(map(len, mine)), desc=progress, unit="prompt",
+                  disable=progress is None or not dist.is_main()) as bar:
+            for batch in mine:
                 ids, done = decode_batch(self.model, [encoded[i] for i in batch], batch, params,
                                          self.stop_ids, self.pad_id)
                 for b, i in enumerate(batch):
                     results[i] = [Sample(decode_response(self.tokenizer, ids[b * R + r], self.stop_ids),
                                          len(ids[b * R + r]), done[b * R + r]) for r in range(R)]
                 bar.update(len(batch))
-        return results
+        for part in dist.all_gather(results) if dist.world_size() > 1 else []:
+            results.update(part)
+        return [results[i] for i in range(len(encoded))]
 
 
 BACKENDS = ("hf",)
@@ -353,12 +361,12 @@ def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_r
     """Load a model folder into a generation backend. device: None picks CUDA when available."""
     if backend != "hf":
         raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    from selm.models import load_causal_lm, load_tokenizer
+    from selm.models import default_device, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
     model = load_causal_lm(Path(model_path), dtype, trust_remote_code)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     return HFGenerator(model.to(device), tokenizer, batch_size)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selm import dist
 from selm.config import Config
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, mark_done, read_jsonl
 from selm.stats import bootstrap_ci, mean, win_rate
@@ -20,16 +21,17 @@ from selm.stats import bootstrap_ci, mean, win_rate
 def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
     from selm.engines.rankers import build_ranker
 
-    ranker = build_ranker(cfg.evaluate.judge, key="evaluate.judge")
-    try:
-        scores = []
-        step = 16
-        for i in range(0, len(prompts), step):
+    step = 16
+    chunks = list(range(0, len(prompts), step))
+    scores: dict[int, list[float]] = {}
+    # Under several processes each rank scores every world-th chunk; merged in order on every rank.
+    with build_ranker(cfg.evaluate.judge, key="evaluate.judge") as ranker:
+        for i in dist.shard(chunks):
             out = ranker.score(prompts[i:i + step], [[r] for r in responses[i:i + step]])
-            scores += [float(s[0]) for s in out]
-        return scores
-    finally:
-        ranker.close()
+            scores[i] = [float(s[0]) for s in out]
+    for part in dist.all_gather(scores) if dist.world_size() > 1 else []:
+        scores.update(part)
+    return [s for i in chunks for s in scores[i]]
 
 
 def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> dict:
@@ -44,14 +46,14 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
     from selm.engines.generation import generate_samples
-    from selm.models import load_causal_lm, load_tokenizer, set_threads
+    from selm.models import default_device, load_causal_lm, load_tokenizer, set_threads
 
     ev = cfg.evaluate
     set_threads(cfg.generate.num_threads)
     prompts = read_jsonl(prompts_path)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(default_device()).eval()
     greedy = ev.temperature == 0
     samples = [r[0] for r in generate_samples(
         model, tokenizer, [p["prompt"] for p in prompts], num_samples=1,
@@ -73,9 +75,10 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
         "cut_off_fraction": mean([float(not r["finished"]) for r in rows]),
         "win_rates": {name: compare(rows, Path(d), ev.bootstrap_samples, seed) for name, d in (baselines or {}).items()},
     }
-    stage_dir = Path(stage_dir)
-    atomic_write_jsonl(stage_dir / "generations.jsonl", rows)
-    atomic_write_json(stage_dir / "metrics.json", metrics)
-    # Timing goes in the marker, not metrics.json, so that a resumed run's metrics equal a fresh one's.
-    mark_done(stage_dir, {"gold_mean": metrics["gold_mean"], "seconds": time.perf_counter() - t0})
+    if dist.is_main():
+        stage_dir = Path(stage_dir)
+        atomic_write_jsonl(stage_dir / "generations.jsonl", rows)
+        atomic_write_json(stage_dir / "metrics.json", metrics)
+        # Timing goes in the marker, not metrics.json, so that a resumed run's metrics equal a fresh one's.
+        mark_done(stage_dir, {"gold_mean": metrics["gold_mean"], "seconds": time.perf_counter() - t0})
     return metrics

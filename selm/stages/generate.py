@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selm import dist
 from selm.chat import normalize_prompt, response_text_of
 from selm.config import Config
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, iter_jsonl, mark_done
@@ -121,8 +122,9 @@ def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
         "tokens_per_second": n_tokens / gen_seconds,
         "seconds": time.perf_counter() - t_start,
     }
-    stage_dir = Path(stage_dir)
-    atomic_write_jsonl(stage_dir / "generations.jsonl", records)
-    atomic_write_json(stage_dir / "stats.json", stats)
-    mark_done(stage_dir, {**stats, **timing})
+    if dist.is_main():  # every rank holds the merged generations; one writes them
+        stage_dir = Path(stage_dir)
+        atomic_write_jsonl(stage_dir / "generations.jsonl", records)
+        atomic_write_json(stage_dir / "stats.json", stats)
+        mark_done(stage_dir, {**stats, **timing})
     return {**stats, **timing}

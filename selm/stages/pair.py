@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from selm import dist
 from selm.io import InputError, atomic_write_jsonl, iter_jsonl, mark_done
 
 
@@ -80,7 +81,8 @@ def run_pair(scores_path: Path, stage_dir: Path, *, min_margin: float, missing_e
              "unfinished_candidates": unfinished,
              "unfinished_chosen": sum(not p["finished_chosen"] for p in pairs),
              "unfinished_rejected": sum(not p["finished_rejected"] for p in pairs)}
-    stage_dir = Path(stage_dir)
-    atomic_write_jsonl(stage_dir / "pairs.jsonl", pairs)
-    mark_done(stage_dir, stats)
+    if dist.is_main():  # cheap: every rank computes the pairs, one writes them
+        stage_dir = Path(stage_dir)
+        atomic_write_jsonl(stage_dir / "pairs.jsonl", pairs)
+        mark_done(stage_dir, stats)
     return stats

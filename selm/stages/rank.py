@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selm import dist
 from selm.chat import normalize_prompt
 from selm.config import Config, RankConfig
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, iter_jsonl, mark_done
@@ -117,24 +118,32 @@ def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg
     records = read_generations(Path(generations_path))
     set_threads(cfg.generate.num_threads)
 
-    scored, skipped = [], []
-    with build_ranker(rc, key=key) as ranker, tqdm(total=len(records), desc=key, unit="prompt") as bar:
-        for start in range(0, len(records), PROMPTS_PER_CALL):
-            chunk = records[start:start + PROMPTS_PER_CALL]
-            for rec, result in _score_chunk(ranker, chunk, rc.on_error):
-                out = {k: v for k, v in rec.items() if k != "_messages"}
-                if isinstance(result, str):
-                    skipped.append({"prompt_id": rec["prompt_id"], "reason": result})
-                else:
-                    scored.append({**out, "scores": result})
+    # Under several processes each rank scores every world-th chunk; the chunks' results are merged
+    # back in input order, so the files are the single-process ones.
+    chunks = [records[s:s + PROMPTS_PER_CALL] for s in range(0, len(records), PROMPTS_PER_CALL)]
+    mine = dist.shard(list(enumerate(chunks)))
+    results: dict[int, list] = {}
+    with build_ranker(rc, key=key) as ranker, tqdm(total=sum(len(c) for _, c in mine), desc=key, unit="prompt",
+                                                   disable=not dist.is_main()) as bar:
+        for i, chunk in mine:
+            results[i] = [(rec["prompt_id"], result) for rec, result in _score_chunk(ranker, chunk, rc.on_error)]
             bar.update(len(chunk))
+    for part in dist.all_gather(results) if dist.world_size() > 1 else []:
+        results.update(part)
+    scored, skipped = [], []
+    for rec, (pid, result) in zip(records, (r for i in range(len(chunks)) for r in results[i])):
+        if isinstance(result, str):
+            skipped.append({"prompt_id": pid, "reason": result})
+        else:
+            scored.append({**{k: v for k, v in rec.items() if k != "_messages"}, "scores": result})
     if records and not scored:
         # Skipping everything is a broken ranker, not data: refuse rather than hand on nothing.
         raise RankerError(f"{key}: every prompt failed ({len(skipped)} skipped); first error: "
                           f"{skipped[0]['reason']}")
 
     stats = _stats(records, scored, skipped, rc.kind)
-    atomic_write_jsonl(stage_dir / "scores.jsonl", scored)
-    atomic_write_json(stage_dir / "stats.json", stats)
-    mark_done(stage_dir, {**stats, "seconds": round(time.perf_counter() - t0, 3)})
+    if dist.is_main():
+        atomic_write_jsonl(stage_dir / "scores.jsonl", scored)
+        atomic_write_json(stage_dir / "stats.json", stats)
+        mark_done(stage_dir, {**stats, "seconds": round(time.perf_counter() - t0, 3)})
     return stats
