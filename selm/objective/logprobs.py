@@ -210,6 +210,7 @@ def score_logps(
     device,
     autocast_dtype: torch.dtype | None = None,
     indices: Sequence[int] | None = None,
+    num_batches: int | None = None,
     progress: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """No-grad summed response log-probs of `examples[i]` for each i in `indices` (default: all).
@@ -218,6 +219,8 @@ def score_logps(
     belongs to examples[indices[j]], so processes can each score a shard and gather. Examples are
     batched `batch_size` at a time in order of length, so a batch pads little; `module` (a
     ResponseLogps, possibly wrapped) runs in eval mode and is put back in the mode it was in.
+    `num_batches` forwards at least that many batches (extra ones repeat an example and are
+    dropped): under ZeRO-3 every process must run every forward, even one whose shard ran out.
     `progress` names a progress bar (None: no bar).
     """
     from tqdm.auto import tqdm
@@ -231,13 +234,15 @@ def score_logps(
     module.eval()
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, n, batch_size), desc=progress, leave=False, disable=progress is None):
+            starts = range(0, max(n, (num_batches or 0) * batch_size), batch_size)
+            for start in tqdm(starts, desc=progress, leave=False, disable=progress is None):
                 pos = order[start:start + batch_size]
-                batch = collate([examples[rows[j]] for j in pos], pad_id).to(device)
+                batch = collate([examples[rows[j]] for j in pos] or [examples[0]], pad_id).to(device)
                 with autocast(device, autocast_dtype):
                     lp = batch_logps(module, batch)
                 for k, v in lp.items():
-                    out[k][pos] = v.float().cpu()
+                    if pos:
+                        out[k][pos] = v.float().cpu()
     finally:
         module.train(was_training)
     return out

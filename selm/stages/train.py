@@ -13,12 +13,12 @@ while training. By default the reference is the start model itself (SELM: the re
 previous iteration's model), so its log-probs come from the very model about to be trained, before
 its first update.
 
-Runs as one process or under `accelerate launch` (data-parallel): each process takes its share of
-every optimizer step's examples; the loss is normalised by the step's GLOBAL example count per
-process, so averaged gradients match a single process.
-
-Simplifications: checkpoints for resume are written by the main process from a full state dict
-(fine for DDP; FSDP/DeepSpeed ZeRO-3 need sharded saving, not done yet).
+Runs as one process or under a multi-process launcher (torchrun, `accelerate launch` with
+configs/accelerate/{ddp,zero3,fsdp2}.yaml): each process takes its share of every optimizer step's
+examples; the loss is normalised by the step's GLOBAL example count per process, so averaged
+gradients match a single process. The engines differ only in how accelerate wraps the model and in
+what is saved: every engine writes one consolidated safetensors folder at the end; resume state is
+a full-state checkpoint (one process, DDP) or the engine's own shards (ZeRO-3, FSDP).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from typing import Callable
 
 import torch
 
+from selm import dist
 from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
-from selm.io import (AtomicDir, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
+from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
                      sha256_file, sha256_json)
 from selm.objective.logprobs import (COLLATORS, ResponseLogps, TokenizedExample, autocast, batch_logps, score_logps,
                                      tokenize_pairs)
@@ -115,21 +116,28 @@ def _reference_key(ref_path: Path, pairs_path: Path, cfg: Config) -> str:
 
 
 def reference_logps(module: ResponseLogps, ref_model_path: Path | None, examples: list[TokenizedExample], cfg: Config,
-                    *, collate, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Reference log-probs of every example, kind -> (N,) float32 CPU: of `module` itself (the start
-    model, before its first update) or, when `ref_model_path` is given, of that model, loaded for this
-    only so it is never held during training."""
+                    *, collate, pad_id: int, device, indices: list[int] | None = None,
+                    num_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """Reference log-probs of examples[i] for i in `indices` (default: all), kind -> (n,) float32 CPU:
+    of `module` itself (the start model, before its first update) or, when `ref_model_path` is
+    given, of that model, loaded for this only so it is never held during training."""
     if ref_model_path is not None:
         ref_model = load_causal_lm(Path(ref_model_path), cfg.model.dtype, cfg.model.trust_remote_code).to(device)
         module = ResponseLogps(ref_model)
     return score_logps(module, examples, batch_size=cfg.train.ref_batch_size, collate=collate, pad_id=pad_id,
-                       device=device, autocast_dtype=autocast_dtype(cfg.train), progress="reference log-probs")
+                       device=device, autocast_dtype=autocast_dtype(cfg.train), indices=indices,
+                       num_batches=num_batches, progress="reference log-probs" if dist.is_main() else None)
 
 
-def _reference_cache(cache: Path, key: str, accelerator, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The reference log-probs, kind -> (N,) float32, from `cache` when it was written under `key`;
-    otherwise the main process runs `compute` and writes the cache, and every process then reads the
-    file, so all of them hold the same numbers."""
+def _reference_cache(cache: Path, key: str, examples: list[TokenizedExample], batch_size: int,
+                     score: Callable[[list[int], int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The reference log-probs, kind -> (N,) float32, from `cache` when it was written under `key`.
+
+    Otherwise the examples are sorted by length and cut into batches of `batch_size`, each process
+    scores every world-th batch (`score(indices, num_batches)`; the same batches one process would
+    run, and the same number of forwards on every process, as ZeRO-3 needs), the main process puts
+    the pieces together and writes the cache, and every process then reads the file, so all of them
+    hold the same numbers."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
@@ -137,10 +145,19 @@ def _reference_cache(cache: Path, key: str, accelerator, compute: Callable[[], d
         with safe_open(str(cache), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return load_file(str(cache))
-    if accelerator.is_main_process:
-        ref = compute()
+    sizes = [len(e.prompt) + sum(map(len, e.responses)) for e in examples]
+    order = sorted(range(len(examples)), key=sizes.__getitem__)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = [i for b in dist.shard(batches) for i in b]
+    part = score(mine, -(-len(batches) // dist.world_size()))
+    pieces = dist.all_gather((mine, part)) if dist.world_size() > 1 else [(mine, part)]
+    if dist.is_main():
+        ref = {k: torch.zeros(len(examples)) for k in part}
+        for idx, values in pieces:
+            for k, v in values.items():
+                ref[k][idx] = v
         atomic_write_bytes(cache, save({k: v.contiguous() for k, v in ref.items()}, metadata={"key": key}))
-    accelerator.wait_for_everyone()
+    dist.barrier()
     return load_file(str(cache))
 
 
@@ -165,41 +182,68 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.lr_scheduler, warmup, total_steps))
 
 
-def _save_hf(model, tokenizer, dest: Path) -> None:
-    with AtomicDir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+def _save_hf(accelerator, module, tokenizer, dest: Path) -> None:
+    """Every process takes part (ZeRO-3 gathers the 16-bit weights, FSDP the full state dict); the
+    main process writes one plain Hugging Face folder of safetensors, loadable by the next iteration,
+    by vLLM and by `from_pretrained`."""
+    state = accelerator.get_state_dict(module)  # keys of ResponseLogps: "model." + the LM's own
+    if accelerator.is_main_process:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        with AtomicDir(dest) as tmp:
+            accelerator.unwrap_model(module).model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
 
 
-def _save_checkpoint(ckpt: Path, model, optimizer, scheduler, step: int, metrics_bytes: int) -> None:
+def _sharded(accelerator) -> bool:
+    """Whether the engine shards parameters and optimizer states (ZeRO-3, FSDP): then resume state is
+    saved by the engine's own checkpointing, one shard per process."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def _save_checkpoint(accelerator, ckpt: Path, module, optimizer, scheduler, step: int, metrics_bytes: int) -> None:
+    """Resume state at optimizer step `step`, built under a temporary name and renamed into place.
+
+    One process or DDP: the main process writes model.safetensors and trainer_state.pt (optimizer and
+    schedule tensors, read back with weights_only=True). ZeRO-3 / FSDP: every process writes its
+    shards with the engine's own checkpointing (accelerator.save_state) into the same folder."""
     from safetensors.torch import save_model
 
-    with AtomicDir(ckpt) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-        atomic_write_json(tmp / "state.json", {"step": step, "metrics_bytes": metrics_bytes})
+    folder = AtomicDir(ckpt)
+    tmp = Path(dist.broadcast(str(folder.__enter__()) if accelerator.is_main_process else None))
+    if _sharded(accelerator):
+        accelerator.save_state(str(tmp))
+    elif accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(module).model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / "state.json", {"step": step, "metrics_bytes": metrics_bytes,
+                                               "scheduler": scheduler.state_dict()})
+        folder.__exit__(None, None, None)
+    accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, int]:
-    from safetensors.torch import load_model
-
-    load_model(model, str(ckpt / "model.safetensors"))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # never unpickle arbitrary objects
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    info = json.loads((ckpt / "state.json").read_text())
-    return int(info["step"]), int(info["metrics_bytes"])
-
-
-def _resume(stage_dir: Path, model, optimizer, scheduler, main: bool) -> int:
+def _resume(accelerator, stage_dir: Path, module, optimizer, scheduler) -> int:
     """Load stage_dir/checkpoint into model, optimizer, schedule and RNG if there is one; return the
     step to start from (0 without one)."""
+    from safetensors.torch import load_model
+
     ckpt, start_step, metrics_bytes = stage_dir / CHECKPOINT, 0, 0
     if ckpt.is_dir() and (ckpt / "state.json").is_file():
-        start_step, metrics_bytes = _load_checkpoint(ckpt, model, optimizer, scheduler)
-    if main:
+        info = json.loads((ckpt / "state.json").read_text())
+        if _sharded(accelerator):
+            accelerator.load_state(str(ckpt))
+        else:
+            load_model(accelerator.unwrap_model(module).model, str(ckpt / "model.safetensors"))
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # never unpickle arbitrary objects
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+        scheduler.load_state_dict(info["scheduler"])
+        start_step, metrics_bytes = int(info["step"]), int(info["metrics_bytes"])
+    if accelerator.is_main_process:
         # Drop metric lines written after the checkpoint we resume from (they will be redone).
         with open(stage_dir / PARTIAL, "a+b") as f:
             f.truncate(metrics_bytes)
@@ -242,8 +286,11 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
         batch = data.collate([data.examples[i] for i in idx], data.pad_id).to(device)
         tokens += batch.num_tokens
         # Gradients are all-reduced once per step, after the last micro-batch: one all-reduce per
-        # step instead of one per micro-batch.
-        with accelerator.no_sync(module) if j < len(micros) - 1 else nullcontext():
+        # step instead of one per micro-batch. DeepSpeed reads the same fact from sync_gradients (its
+        # engine steps at that boundary; its own accumulation count stays 1).
+        last = j == len(micros) - 1
+        accelerator.sync_gradients = last
+        with accelerator.no_sync(module) if not last else nullcontext():
             with autocast(device, autocast_dtype(tc)):
                 logps = batch_logps(module, batch)  # kind -> (B,)
             refs = {k: data.ref[k][idx].to(device) for k in logps}
@@ -258,13 +305,22 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
     return StepStats(sums, sum(len(m) for m in micros), tokens, grad_norm, step_lr)
 
 
-def metrics_row(stats: StepStats, *, step: int, total_steps: int, epochs: int, world: int, seconds: float,
-                pairs: int) -> dict:
-    """One metrics.jsonl line for optimizer step `step` (1-based): per-example means and the step's
-    rate, gradient norm and throughput (tokens of all processes, assuming they match this one's)."""
+def all_processes(stats: StepStats) -> StepStats:
+    """The step's statistics over every process (metric sums, examples and tokens added up), so the
+    logged means are those of the whole step, as one process would log them."""
+    if dist.world_size() == 1:
+        return stats
+    parts = dist.all_gather((stats.sums, stats.examples, stats.tokens))
+    sums = {k: sum(p[0][k] for p in parts) for k in stats.sums}
+    return StepStats(sums, sum(p[1] for p in parts), sum(p[2] for p in parts), stats.grad_norm, stats.lr)
+
+
+def metrics_row(stats: StepStats, *, step: int, total_steps: int, epochs: int, seconds: float, pairs: int) -> dict:
+    """One metrics.jsonl line for optimizer step `step` (1-based) from the step's statistics over all
+    processes: per-example means and the step's rate, gradient norm and throughput."""
     row = {k: v / stats.examples for k, v in stats.sums.items()}
     row.update({"step": step, "epoch": step / total_steps * epochs, "lr": stats.lr, "grad_norm": float(stats.grad_norm),
-                "tokens_per_s": stats.tokens * world / seconds, "pairs": pairs})
+                "tokens_per_s": stats.tokens / seconds, "pairs": pairs})
     return row
 
 
@@ -278,15 +334,39 @@ def _log_row(stage_dir: Path, tb, row: dict) -> None:
                 tb.add_scalar(k, v, row["step"])
 
 
-def _finish(accelerator, model, tokenizer, stage_dir: Path, summary: dict) -> None:
-    """The main process writes the model folder and metrics.jsonl, drops the checkpoint, and writes
-    DONE.json last, so a folder with DONE.json is complete; every process waits for that."""
+def _finish(accelerator, module, tokenizer, stage_dir: Path, summary: dict) -> None:
+    """The model folder (every process takes part in gathering it), then the main process moves
+    metrics.jsonl into place, drops the checkpoint, and writes DONE.json last, so a folder with
+    DONE.json is complete; every process waits for that."""
+    _save_hf(accelerator, module, tokenizer, stage_dir / "model")
     if accelerator.is_main_process:
-        _save_hf(model, tokenizer, stage_dir / "model")
         os.replace(stage_dir / PARTIAL, stage_dir / METRICS)
         shutil.rmtree(stage_dir / CHECKPOINT, ignore_errors=True)
         mark_done(stage_dir, summary)  # last: everything above is in place
     accelerator.wait_for_everyone()
+
+
+def _accelerator(tc: TrainConfig):
+    """The engine comes from the launcher (`accelerate launch --config_file configs/accelerate/<engine>.yaml`
+    sets it in the environment; plain torchrun gives DDP). DeepSpeed cannot infer its batch sizes
+    without a dataloader, so they are set here: selm accumulates micro-batches itself."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not cuda:
+        # accelerate's FSDP plugin does not shard on a CPU (it falls back to no distribution at all).
+        raise InputError("FSDP (configs/accelerate/fsdp2.yaml) needs GPUs; on CPUs use configs/accelerate/zero3.yaml or DDP")
+    # On CPU accelerate finds no backend for DeepSpeed by itself; gloo is the one that works there.
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=kwargs)
+    if accelerator.state.deepspeed_plugin is not None:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update({"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
+                   "train_batch_size": tc.batch_size * accelerator.num_processes,
+                   "gradient_clipping": tc.max_grad_norm})
+    return accelerator
 
 
 def _prepare(tc: TrainConfig, stage_dir: Path) -> None:
@@ -306,7 +386,7 @@ def _load_inputs(pairs_path: Path, model_path: Path, cfg: Config, device):
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     examples = tokenize_pairs(tokenizer, pairs, max_length=tc.max_length, max_prompt_length=tc.max_prompt_length,
                               with_exploration=tc.alpha > 0)
-    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code, for_training=True)
     model.to(device)
     model.config.use_cache = False
     if tc.gradient_checkpointing:
@@ -337,32 +417,35 @@ def run_train(
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     stage_dir = Path(stage_dir)
     _prepare(tc, stage_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if ref_model_path is not None and _sharded(accelerator):
+        raise InputError("--ref-model: a separate reference model is not supported under ZeRO-3/FSDP yet; "
+                         "train without it (the start model is the reference) or with DDP")
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
 
     tokenizer, examples, model = _load_inputs(pairs_path, model_path, cfg, device)
-    module = ResponseLogps(model)
-    collate, pad_id = COLLATORS[tc.layout], tokenizer.pad_token_id
-    # Once, before training; by default the start model's own log-probs, before its first update.
-    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
-    ref = _reference_cache(stage_dir / REF_CACHE, key, accelerator, lambda: reference_logps(
-        module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device))
-    data = TrainData(examples, ref, collate, pad_id)
-
     plan = StepPlan.build(len(examples), tc, seed, world)
     total_steps = len(plan.steps)
-    optimizer = build_optimizer(model, tc, lr, device)
+    module, optimizer = accelerator.prepare(ResponseLogps(model), build_optimizer(model, tc, lr, device))
+    # On the wrapped optimizer: ZeRO-3 regroups the parameters into its own flat partitions.
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    raw_model = accelerator.unwrap_model(module).model
-    save_config(cfg, stage_dir / "config.yaml")
-    start_step = _resume(stage_dir, raw_model, optimizer, scheduler, accelerator.is_main_process)
+    collate, pad_id = COLLATORS[tc.layout], tokenizer.pad_token_id
+    # Once, before training (after wrapping: under ZeRO-3 only the engine can run a forward); by
+    # default the start model's own log-probs, before its first update.
+    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
+    ref = _reference_cache(stage_dir / REF_CACHE, key, examples, tc.ref_batch_size, lambda idx, nb: reference_logps(
+        module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device, indices=idx,
+        num_batches=nb))
+    data = TrainData(examples, ref, collate, pad_id)
+    if accelerator.is_main_process:
+        save_config(cfg, stage_dir / "config.yaml")
+    start_step = _resume(accelerator, stage_dir, module, optimizer, scheduler)
     tb = _tensorboard(stage_dir, tc, accelerator.is_main_process, start_step)
 
     module.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
     for step in range(start_step, end):
         t0 = time.perf_counter()
@@ -372,26 +455,25 @@ def run_train(
                            normaliser=len(step_examples) / world, tc=tc)
         bar.update(1)
         done = step + 1
-        if accelerator.is_main_process and (done % tc.logging_steps == 0 or done == total_steps):
-            row = metrics_row(stats, step=done, total_steps=total_steps, epochs=tc.epochs, world=world,
-                              seconds=time.perf_counter() - t0, pairs=len(step_examples))
-            _log_row(stage_dir, tb, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
-        if tc.save_every_steps and done % tc.save_every_steps == 0 and done < total_steps:
-            accelerator.wait_for_everyone()
+        if done % tc.logging_steps == 0 or done == total_steps:
+            stats = all_processes(stats)
             if accelerator.is_main_process:
-                _save_checkpoint(stage_dir / CHECKPOINT, raw_model, optimizer, scheduler, done,
-                                 (stage_dir / PARTIAL).stat().st_size)
+                row = metrics_row(stats, step=done, total_steps=total_steps, epochs=tc.epochs,
+                                  seconds=time.perf_counter() - t0, pairs=len(step_examples))
+                _log_row(stage_dir, tb, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
+        if tc.save_every_steps and done % tc.save_every_steps == 0 and done < total_steps:
+            metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
+            _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
     bar.close()
     if tb is not None:
         tb.close()
     if end < total_steps:
         return {"stopped_at": max_steps}
 
-    accelerator.wait_for_everyone()
     summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
                "seconds": time.perf_counter() - t_start}
-    _finish(accelerator, raw_model, tokenizer, stage_dir, summary)
+    _finish(accelerator, module, tokenizer, stage_dir, summary)
     return summary
 
 
