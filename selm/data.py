@@ -1,10 +1,12 @@
 """Record formats and loading.
 
-Pair record (the training stage's input; TRL's conversational preference format plus one field)::
+Pair record (the training stage's input; TRL's conversational preference format plus y0)::
 
     {"prompt": str | [messages], "chosen": str | [assistant message], "rejected": ...,
      "exploration": ...}
 
+The pair stage also writes prompt_id, score_chosen/score_rejected and source_chosen/source_rejected,
+which training does not read.
 ``exploration`` is y0, the reference model's own response; it may be absent only when alpha = 0.
 Optional ``finished_chosen`` / ``finished_rejected`` / ``finished_exploration`` (bool, default true):
 false marks a response cut at the generation limit, which is trained without an end-of-turn token.

@@ -2,13 +2,14 @@
 
 The loop only sequences stages; each stage reads files and writes files in the run folder::
 
-    DIR/config.yaml                    the resolved config of the run
+    DIR/config.yaml                    the resolved config of the run (saved once preflight passed)
+    DIR/config_changes.log             what each --continue-with-new-config changed
     DIR/start_model/                   the built-in tiny model (when model.name_or_path is "tiny")
     DIR/data/                          train_<t>.jsonl slices, eval.jsonl
     DIR/iter_0/evaluate/               the start model on the held-out prompts (the baseline)
     DIR/iter_<t>/{generate,rank,pair,train,evaluate}/
 
-Every stage folder gets DONE.json last. A re-run skips finished stages, wipes an unfinished one and
+Every stage folder gets DONE.json last (FAILED.json with the error if it failed). A re-run skips finished stages, wipes an unfinished one and
 redoes it from its start -- except training, which resumes from its last checkpoint (io.ensure_stage;
 ITERATION_STAGES says which stage reads which and which resumes).
 """

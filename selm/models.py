@@ -76,8 +76,9 @@ def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
 
 
 def _content_key(gguf: Path) -> str:
-    """sha256 of the GGUF file's bytes (about a second for a few hundred MB): the same file in another
-    virtual environment or clone, or re-installed with a new mtime, finds the same conversion."""
+    """sha256 of the GGUF file's bytes (a fraction of a second for the demo's file; README, "The demo"):
+    the same file in another virtual environment or clone, or re-installed with a new mtime, finds the
+    same conversion."""
     from selm.io import sha256_file
 
     return sha256_file(gguf)
