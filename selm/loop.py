@@ -386,6 +386,8 @@ def _state(sd: Path) -> tuple[str, str]:
         progress = _training_progress(sd)
         if progress:
             return "unfinished", progress
+        if sd.name == "train":  # the reference cache, if written, is kept
+            return "unfinished", "stopped or running before its first step; a re-run starts the training"
         return "unfinished", "stopped or running; a re-run redoes it"
     return "pending", ""
 
