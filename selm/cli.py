@@ -36,7 +36,8 @@ def _shared_flags() -> dict[str, argparse.ArgumentParser]:
 
 
 def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_, description=help_, parents=[flags["overrides"], flags["run_folder"]])
+    p = sub.add_parser(name, help=help_, description=help_,
+                       parents=[flags["overrides"], flags["run_folder"], flags["new_config"]])
     p.add_argument("config", nargs="?", help="YAML config file (default: OUTPUT_DIR/config.yaml of an existing run)")
     p.add_argument("--iteration", type=int, required=True, help="iteration t (evaluate: 0 = the start model)")
     return p
@@ -90,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a causal LM with the SELM objective (DPO + alpha*beta*(logp(y0) - "
                        "logp_ref(y0))) on a pairs file: JSONL/Parquet/datasets folder of {prompt, chosen, rejected, "
                        "exploration}. Writes OUTPUT_DIR/model (safetensors), metrics.jsonl, tb/, config.yaml.",
-                       parents=[flags["overrides"], flags["run_folder"]])
+                       parents=[flags["overrides"], flags["run_folder"], flags["new_config"]])
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
-    p.add_argument("--pairs", type=Path, help="pairs file to train on (standalone mode)")
+    p.add_argument("--pairs", type=Path, help="pairs file to train on (standalone mode); "
+                   "for a `datasets` folder with several splits, the split's own folder (DIR/train_prefs)")
     p.add_argument("--ref-model", type=Path, default=None,
                    help="reference model folder (default: the start model, as in SELM)")
     p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
@@ -117,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
     p.add_argument("--quick", action="store_true", help="use the demo's quick sizes")
 
-    p = sub.add_parser("report", help="rebuild the report of a demo or sweep folder")
+    p = sub.add_parser("report", help="write the report (report.md + plots) of a run, demo or sweep folder",
+                       description="Write DIR/report.md with PNG plots: for a `selm run` folder the per-iteration "
+                       "gold reward, win rates vs the start and the previous model, lengths, answers cut off and "
+                       "training curves; for a demo or sweep folder the study report.")
     p.add_argument("output_dir", type=Path)
 
     p = sub.add_parser("status", help="show where a run stands")
@@ -211,8 +216,10 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "report":
         from selm.studies.report import build_report
+        from selm.studies.run_report import build_run_report
 
-        print(f"report: {build_report(args.output_dir)}")
+        is_study = (args.output_dir / "study.json").is_file()
+        print(f"report: {(build_report if is_study else build_run_report)(args.output_dir)}")
         return 0
     if args.command == "run":
         cfg = _load(args)
@@ -232,6 +239,7 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
         if not args.pairs.exists():
             raise InputError(f"{args.pairs}: file not found")
+        loop.check_loggers(cfg)
         with dist.main_first():  # the main rank builds or converts it; the others then find it
             model = materialize_model(cfg.model, seed=cfg.seed)
         summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
@@ -239,7 +247,7 @@ def _dispatch(args) -> int:
         _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
         return 0
     cfg = _load(args)
-    loop.check_config(cfg, args.output_dir, allow_change=False)
+    loop.check_config(cfg, args.output_dir, allow_change=args.continue_with_new_config)
     info = loop.run_stage(cfg, args.output_dir, args.iteration, args.command)
     _say(f"{args.command} iteration {args.iteration}: done {info}")
     return 0

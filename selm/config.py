@@ -64,6 +64,12 @@ class DataConfig:
     iteration uses every training prompt."""
     shuffle: bool = True
     """Shuffle prompts (with the run's seed) before splitting."""
+    split: Optional[str] = None
+    """The split of a `datasets` folder holding several (a DatasetDict), e.g. "train_prefs". A folder with
+    one split needs none; one with several is refused until this names one."""
+    eval_split: Optional[str] = None
+    """The split of the evaluation prompts' `datasets` folder (`eval_prompts`, or `prompts` itself when
+    `eval_prompts` is unset: then the held-out prompts are that split, e.g. "test_prefs")."""
 
     def __post_init__(self):
         if self.eval_size < 0:
@@ -178,6 +184,9 @@ class PairConfig:
             raise ConfigError("pair.missing_eos_penalty: must be >= 0 (or null)")
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 @dataclass
 class TrainConfig:
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -228,8 +237,12 @@ class TrainConfig:
     """Save a resumable training checkpoint every N optimizer steps (0: only at the end)."""
     logging_steps: int = 1
     """Write metrics every N optimizer steps."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where training metrics go besides metrics.jsonl, as TRL's report_to: any of "tensorboard" (events
+    in the stage's tb/), "wandb" (Weights & Biases; needs `pip install wandb`; WANDB_MODE=offline and
+    WANDB_PROJECT are read from the environment). [] for metrics.jsonl only."""
     tensorboard: bool = True
-    """Also write metrics as TensorBoard events (if tensorboard is installed)."""
+    """Kept for configs written before report_to: false turns TensorBoard off whatever report_to says."""
     layout: Literal["prefix", "padded"] = "prefix"
     """How sequences are batched: "prefix" encodes each prompt once for its chosen, rejected and
     exploration responses (a block mask; faster); "padded" runs one padded row per sequence."""
@@ -255,6 +268,15 @@ class TrainConfig:
             raise ConfigError("train.max_grad_norm: must be >= 0")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("train.num_threads: must be >= 1 or null")
+        if self.report_to == ["none"]:  # TRL's spelling of "no integrations"
+            self.report_to = []
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"train.report_to: {unknown[0]!r} is not one of {', '.join(map(repr, REPORT_TO))}")
+
+    def loggers(self) -> list[str]:
+        """The metric sinks that are on (report_to, minus TensorBoard when `tensorboard` is false)."""
+        return [r for r in dict.fromkeys(self.report_to) if r != "tensorboard" or self.tensorboard]
 
 
 @dataclass
@@ -380,6 +402,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if origin is list:
+        if isinstance(value, str) and args[0] is str:  # `--set train.report_to=wandb`, as TRL takes a string
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -508,8 +532,18 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+CALLABLE_DIRS: list[Path] = []
+"""Folders of the config files loaded in this process. A callable ("module:function", rank.callable,
+evaluate.judge.callable) that Python cannot import as it is is looked up there, then in the working
+directory, so a `myrank.py` next to the config (or where selm runs) works without installing it."""
+
+
 def resolve_relative_paths(data: dict, base: Path) -> dict:
-    """Paths in a config file are relative to the file, so a config works from any directory."""
+    """Paths in a config file are relative to the file, so a config works from any directory; its
+    folder is also where callables are looked up (CALLABLE_DIRS)."""
+    base = Path(base).resolve()
+    if base not in CALLABLE_DIRS:
+        CALLABLE_DIRS.append(base)
 
     def fix(section: dict | None, key: str) -> None:
         if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:

@@ -1,10 +1,12 @@
 """Record formats and loading.
 
-Pair record (the training stage's input; TRL's conversational preference format plus one field)::
+Pair record (the training stage's input; TRL's conversational preference format plus y0)::
 
     {"prompt": str | [messages], "chosen": str | [assistant message], "rejected": ...,
      "exploration": ...}
 
+The pair stage also writes prompt_id, score_chosen/score_rejected and source_chosen/source_rejected,
+which training does not read.
 ``exploration`` is y0, the reference model's own response; it may be absent only when alpha = 0.
 Optional ``finished_chosen`` / ``finished_rejected`` / ``finished_exploration`` (bool, default true):
 false marks a response cut at the generation limit, which is trained without an end-of-turn token.
@@ -32,9 +34,10 @@ class PairRecord:
     """Whether chosen, rejected and exploration ended with the end of turn (False: cut at the limit)."""
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+def iter_rows(path: str | Path, split: str | None = None, split_key: str = "data.split") -> Iterator[tuple[str, dict]]:
     """Yield (location, row) from a JSONL file, a Parquet file or a `datasets` folder.
-    location is "file:line" (JSONL) or "file row N" for error messages."""
+    location is "file:line" (JSONL) or "file row N" for error messages. `split` picks one split of a
+    folder saved from a DatasetDict; `split_key` is the setting that names it, for errors."""
     path = Path(path)
     if path.is_dir():
         try:
@@ -45,11 +48,12 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:
             raise InputError(f"{path}: not a `datasets` folder saved with save_to_disk ({e})") from None
+        name = ""
         if isinstance(ds, datasets.DatasetDict):
-            split = "train" if "train" in ds else next(iter(ds))
-            ds = ds[split]
+            name = _pick_split(path, list(ds), split, split_key)
+            ds = ds[name]
         for i, row in enumerate(ds):
-            yield f"{path} row {i}", dict(row)
+            yield f"{path}{'[' + name + ']' if name else ''} row {i}", dict(row)
     elif path.suffix == ".parquet":
         if not path.is_file():
             raise InputError(f"{path}: file not found")
@@ -64,6 +68,20 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     else:
         for lineno, row in iter_jsonl(path):
             yield f"{path}:{lineno}", row
+
+
+def _pick_split(path: Path, splits: list[str], split: str | None, split_key: str) -> str:
+    """The split to read: the one named, or the only one. Several and none named is refused rather
+    than guessed (UltraFeedback-binarized starts with train_sft, not the preference split)."""
+    if split is not None:
+        if split not in splits:
+            raise InputError(f"{split_key}: {path} has no split {split!r}; its splits: {', '.join(splits)}")
+        return split
+    if len(splits) == 1:
+        return splits[0]
+    how = f"name one with {split_key} or " if split_key else ""
+    raise InputError(f"{path}: a `datasets` folder with several splits ({', '.join(splits)}); "
+                     f"{how}give one split's own folder, e.g. {path / splits[0]}")
 
 
 def pair_from_row(row: dict, where: str, *, need_exploration: bool) -> PairRecord:
@@ -81,7 +99,8 @@ def pair_from_row(row: dict, where: str, *, need_exploration: bool) -> PairRecor
         exploration = row.get("reference_response")  # the authors' datasets name y0 this way
     if exploration is None:
         if need_exploration:
-            raise InputError(f"{where}: missing field 'exploration' (needed when train.alpha > 0)")
+            raise InputError(f"{where}: missing field 'exploration' (needed when train.alpha > 0; "
+                             "for DPO pairs without it train with --set train.alpha=0)")
     else:
         exploration = _response(exploration, messages, f"{where}: field 'exploration'")
     pid = row.get("prompt_id")
@@ -107,7 +126,7 @@ def _response(value: Any, prompt: Messages, where: str) -> str:
 
 
 def load_pairs(path: str | Path, *, need_exploration: bool) -> list[PairRecord]:
-    pairs = [pair_from_row(row, where, need_exploration=need_exploration) for where, row in iter_rows(path)]
+    pairs = [pair_from_row(row, where, need_exploration=need_exploration) for where, row in iter_rows(path, None, "")]
     if not pairs:
         raise InputError(f"{path}: no pairs")
     return pairs
@@ -145,10 +164,12 @@ def prompt_from_row(row: dict, where: str, prompt_field: str = "prompt") -> dict
     return out
 
 
-def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[dict]:
-    """Load a prompt set; duplicate prompt ids are kept once (first occurrence)."""
+def load_prompts(path: str | Path, prompt_field: str = "prompt", split: str | None = None,
+                 split_key: str = "data.split") -> list[dict]:
+    """Load a prompt set; duplicate prompt ids are kept once (first occurrence). `split` picks one
+    split of a `datasets` folder (`split_key` names the setting, for errors)."""
     seen, out = set(), []
-    for where, row in iter_rows(path):
+    for where, row in iter_rows(path, split, split_key):
         rec = prompt_from_row(row, where, prompt_field)
         if rec["prompt_id"] in seen:
             continue

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 DONE_MARKER = "DONE.json"
+FAILED_MARKER = "FAILED.json"
+"""Written by ensure_stage when a stage's build raises (the error, one line); removed when it starts
+again. `selm status` shows it."""
 
 
 class InputError(ValueError):
@@ -168,12 +171,16 @@ def ensure_stage(stage_dir: str | os.PathLike, build: Callable[[Path], object], 
         # touches the folder's bookkeeping; the others wait for it on both sides.
         if dist.is_main() and not resume and path.exists():
             shutil.rmtree(path)
+        if dist.is_main():
+            (path / FAILED_MARKER).unlink(missing_ok=True)
         dist.barrier()
         try:
             build(path)
-        except BaseException:
+        except BaseException as e:
             if dist.is_main():
                 (path / DONE_MARKER).unlink(missing_ok=True)
+                if isinstance(e, Exception):  # not an interrupt: that is no failure of the stage
+                    atomic_write_json(path / FAILED_MARKER, {"error": f"{type(e).__name__}: {e}"[:1000]})
             raise
         dist.barrier()
     return read_json(path / DONE_MARKER)

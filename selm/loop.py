@@ -2,13 +2,14 @@
 
 The loop only sequences stages; each stage reads files and writes files in the run folder::
 
-    DIR/config.yaml                    the resolved config of the run
+    DIR/config.yaml                    the resolved config of the run (saved once preflight passed)
+    DIR/config_changes.log             what each --continue-with-new-config changed
     DIR/start_model/                   the built-in tiny model (when model.name_or_path is "tiny")
     DIR/data/                          train_<t>.jsonl slices, eval.jsonl
     DIR/iter_0/evaluate/               the start model on the held-out prompts (the baseline)
     DIR/iter_<t>/{generate,rank,pair,train,evaluate}/
 
-Every stage folder gets DONE.json last. A re-run skips finished stages, wipes an unfinished one and
+Every stage folder gets DONE.json last (FAILED.json with the error if it failed). A re-run skips finished stages, wipes an unfinished one and
 redoes it from its start -- except training, which resumes from its last checkpoint (io.ensure_stage;
 ITERATION_STAGES says which stage reads which and which resumes).
 """
@@ -29,17 +30,48 @@ def stage_dir(out: Path, t: int, stage: str) -> Path:
     return Path(out) / f"iter_{t}" / stage
 
 
+def preflight(cfg: Config, out: Path | None = None) -> None:
+    """Check what can be checked from the config before a run starts (and before its config.yaml is
+    saved, so that a corrected re-run is not refused as a config change): the loop's required keys,
+    that the prompts load and split, that the start model, reward models and callables are there, and
+    that the metric loggers asked for are installed. Raises ConfigError / InputError naming the key."""
+    from selm.engines.rankers import import_function
+    from selm.models import check_model_source, local_model_dir
+
+    check_for_loop(cfg)
+    if out is None or not is_done(Path(out) / "data"):
+        _load_split(cfg)
+    check_model_source(cfg.model)
+    judges = [("rank", cfg.rank)] + ([("evaluate.judge", cfg.evaluate.judge)] if cfg.evaluate.enabled else [])
+    for key, rc in judges:
+        if rc.kind in ("callable", "pairwise"):
+            import_function(rc.callable, key)
+        elif rc.kind == "reward_model":
+            local_model_dir(rc.model, f"{key}.model")
+    check_loggers(cfg)
+
+
+def check_loggers(cfg: Config) -> None:
+    """The metric loggers of train.report_to are installed (before any work starts)."""
+    import importlib.util
+
+    if "wandb" in cfg.train.loggers() and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to: 'wandb' needs the wandb package (pip install wandb)")
+
+
 def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
-    """Save the config into the run folder; refuse a different one for an existing run."""
+    """Save the config into the run folder once the run can start (preflight); refuse a different
+    one for an existing run unless `allow_change`."""
     check_for_loop(cfg)
     path = Path(out) / "config.yaml"
     diffs = None  # None: nothing saved yet
     if path.is_file():
-        diffs = _diff(load_yaml(path), config_to_dict(cfg))
+        diffs = _diff(load_yaml(path), config_to_dict(cfg), config_to_dict(Config()))
         if diffs and not allow_change:
             shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
             raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
                               "pass --continue-with-new-config to go on with the new one")
+    preflight(cfg, out)
     dist.barrier()  # every rank has read the saved config before the main rank replaces it
     if dist.is_main() and diffs != []:
         if diffs:
@@ -49,11 +81,20 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     dist.barrier()
 
 
-def _diff(old, new, prefix="") -> list[str]:
+_ABSENT = object()
+
+
+def _diff(old, new, defaults=None, prefix="") -> list[str]:
+    """Differences between the saved and the new config as "key: old -> new". A key the saved config
+    lacks (written before the key existed) that keeps its default is no change."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
+        defaults = defaults if isinstance(defaults, dict) else {}
         for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+            o = old.get(k, _ABSENT)
+            if o is _ABSENT and new.get(k) == defaults.get(k, _ABSENT):
+                continue
+            out += _diff(None if o is _ABSENT else o, new.get(k), defaults.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
@@ -81,21 +122,30 @@ def prepare_data(cfg: Config, out: Path) -> Path:
     return d
 
 
-def _split_data(cfg: Config, d: Path) -> None:
+def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
+    """The run's training slices and held-out prompts, from the prompt files the config names."""
     from selm.data import load_prompts, split_prompts
 
-    if not cfg.data.prompts:
+    d = cfg.data
+    if not d.prompts:
         raise ConfigError("data.prompts: required to run the loop")
-    prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
-    eval_rows = load_prompts(cfg.data.eval_prompts, cfg.data.prompt_field) if cfg.data.eval_prompts else None
-    slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=cfg.data.eval_size,
-                                 max_prompts=cfg.data.max_prompts, slices=cfg.data.slices, shuffle=cfg.data.shuffle,
+    prompts = load_prompts(d.prompts, d.prompt_field, d.split, "data.split")
+    # eval_split without eval_prompts: the held-out prompts are another split of the same folder.
+    eval_source = d.eval_prompts or (d.prompts if d.eval_split else None)
+    eval_rows = load_prompts(eval_source, d.prompt_field, d.eval_split, "data.eval_split") if eval_source else None
+    slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=d.eval_size,
+                                 max_prompts=d.max_prompts, slices=d.slices, shuffle=d.shuffle,
                                  seed=cfg.seed, has_eval_file=eval_rows is not None)
     if eval_rows is not None:
         train_ids = {r["prompt_id"] for s in slices for r in s}
         held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
-    if cfg.data.max_eval_prompts is not None:
-        held = held[:cfg.data.max_eval_prompts]
+    if d.max_eval_prompts is not None:
+        held = held[:d.max_eval_prompts]
+    return slices, held
+
+
+def _split_data(cfg: Config, d: Path) -> None:
+    slices, held = _load_split(cfg)
     for t, part in enumerate(slices, 1):
         atomic_write_jsonl(d / f"train_{t}.jsonl", part)
     atomic_write_jsonl(d / "eval.jsonl", held)
@@ -259,35 +309,109 @@ def summarize(out: Path, iterations: int) -> dict:
 
 
 def status(out: Path) -> list[tuple[str, str, str]]:
-    """(stage folder, state, detail) for every stage of a run folder."""
+    """(what, state, detail) rows for a run folder (every stage), a study folder (every run of it) or
+    a standalone `selm train` folder."""
     out = Path(out)
+    if (out / "study.json").is_file():
+        return _study_status(out)
+    if _is_training_folder(out):
+        return [("train", *_state(out)), ("model", "done" if is_done(out) else "pending", "" if not is_done(out)
+                 else f"{out / 'model'} (a standalone `selm train` folder)")]
     if not (out / "config.yaml").is_file():
-        raise InputError(f"{out}: not a selm run folder (no config.yaml)")
+        raise InputError(f"{out}: not a selm run folder (no config.yaml); `selm status` reads the folder given "
+                         "to `selm run --output-dir`, `selm train --output-dir`, `selm demo` or `selm sweep`")
     from selm.config import config_from_dict
 
     cfg = config_from_dict(load_yaml(out / "config.yaml"))
     rows = [("data", *_state(out / "data"))]
-    if cfg.evaluate.enabled:
-        rows.append(("iter_0/evaluate", *_state(stage_dir(out, 0, "evaluate"))))
+    for t, stage in _stages(cfg):
+        rows.append((f"iter_{t}/{stage}", *_state(stage_dir(out, t, stage))))
+    done = sum(r[1] == "done" for r in rows)
+    rows.append(("run", "done" if done == len(rows) else "not done", f"{done}/{len(rows)} stages done"))
+    return rows
+
+
+def _stages(cfg: Config) -> list[tuple[int, str]]:
+    """(iteration, stage) of every stage a full run executes, in order."""
+    out = [(0, "evaluate")] if cfg.evaluate.enabled else []
     for t in range(1, cfg.loop.iterations + 1):
-        for stage in STAGES:
-            if stage == "evaluate" and not cfg.evaluate.enabled:
-                continue
-            rows.append((f"iter_{t}/{stage}", *_state(stage_dir(out, t, stage))))
-    rows.append(("run", "done" if is_done(out) else "not done", ""))
+        out += [(t, s) for s in STAGES if s != "evaluate" or cfg.evaluate.enabled]
+    return out
+
+
+def _is_training_folder(out: Path) -> bool:
+    """A standalone `selm train --output-dir` folder: training files and no run layout."""
+    from selm.stages.train import CHECKPOINT, METRICS, PARTIAL
+
+    if (out / "data").exists() or any(out.glob("iter_*")):
+        return False
+    return any((out / name).exists() for name in ("model", METRICS, PARTIAL, CHECKPOINT))
+
+
+def _study_status(out: Path) -> list[tuple[str, str, str]]:
+    """One row per run of a demo or sweep folder (study.json), from each run folder's stages."""
+    from selm.studies.study import Arm, arm_config
+
+    study = read_json(out / "study.json")
+    rows = []
+    for arm in study["arms"]:
+        for seed in study["seeds"]:
+            run = out / arm["name"] / f"seed_{seed}"
+            stages = [("data", run / "data")] + [(f"iter_{t}/{s}", stage_dir(run, t, s))
+                                                 for t, s in _stages(arm_config(study["base"], Arm(**arm), seed))]
+            states = [(name, _state(d)[0]) for name, d in stages]
+            done = sum(st == "done" for _, st in states)
+            failed = [name for name, st in states if st == "failed"]
+            state = "done" if done == len(states) else "failed" if failed else "pending" if not run.exists() else "not done"
+            detail = f"{done}/{len(states)} stages done" + (f"; {failed[0]} failed" if failed else "")
+            rows.append((f"{arm['name']}/seed_{seed}", state, detail))
+    report = out / "report.md"
+    rows.append(("report", "done" if report.is_file() else "pending", str(report) if report.is_file() else ""))
     return rows
 
 
 def _state(sd: Path) -> tuple[str, str]:
+    """done | failed (FAILED.json: the error) | unfinished (what a killed or running stage left) | pending."""
+    from selm.io import FAILED_MARKER
+
     if is_done(sd):
         info = read_json(sd / DONE_MARKER)
         keys = ("pairs", "ties_dropped", "prompts", "steps", "gold_mean", "samples", "scored", "skipped")
         detail = ", ".join(f"{k}={info[k]:.4g}" if isinstance(info[k], float) else f"{k}={info[k]}"
                            for k in keys if k in info)
         return "done", detail
+    if (sd / FAILED_MARKER).is_file():
+        return "failed", f"{read_json(sd / FAILED_MARKER).get('error', '')} (fix it and re-run)"
     if sd.exists():
-        ck = sd / "checkpoint" / "state.json"
-        if ck.is_file():
-            return "in progress", f"checkpoint at step {read_json(ck)['step']}"
-        return "in progress", ""
+        progress = _training_progress(sd)
+        if progress:
+            return "unfinished", progress
+        if sd.name == "train":  # the reference cache, if written, is kept
+            return "unfinished", "stopped or running before its first step; a re-run starts the training"
+        return "unfinished", "stopped or running; a re-run redoes it"
     return "pending", ""
+
+
+def _training_progress(sd: Path) -> str:
+    """"step 5/8 logged, checkpoint at step 4; a re-run resumes there" for a training folder."""
+    import json
+
+    from selm.stages.train import CHECKPOINT, PARTIAL
+
+    parts = []
+    metrics = sd / PARTIAL
+    if metrics.is_file():
+        lines = [l for l in metrics.read_text(encoding="utf-8").splitlines() if l.strip()]
+        try:
+            last = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:  # a line cut by a kill
+            last = json.loads(lines[-2]) if len(lines) > 1 else None
+        if last and "step" in last:
+            total = f"/{last['total_steps']}" if "total_steps" in last else ""
+            parts.append(f"step {last['step']}{total} logged")
+    ck = sd / CHECKPOINT / "state.json"
+    if ck.is_file():
+        parts.append(f"checkpoint at step {read_json(ck)['step']}; a re-run resumes there")
+    elif parts:
+        parts.append("no checkpoint yet; a re-run starts the training over")
+    return ", ".join(parts)

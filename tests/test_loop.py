@@ -171,3 +171,41 @@ def test_stage_commands_run_on_their_own(reference_run, tmp_path, capsys):
             assert (out / "iter_1" / stage / name).read_bytes() == (ref / "iter_1" / stage / name).read_bytes(), (stage, name)
     assert load_file(str(out / "iter_1/train/model/model.safetensors")).keys() == \
         load_file(str(ref / "iter_1/train/model/model.safetensors")).keys()
+
+
+def test_metrics_rows_carry_the_total_steps(reference_run):
+    out, _ = reference_run
+    rows = [json.loads(l) for l in (out / "iter_1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    steps = json.loads((out / "iter_1" / "train" / "DONE.json").read_text())["steps"]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert {r["total_steps"] for r in rows} == {steps}
+
+
+def test_report_of_a_run_folder(reference_run, tmp_path, capsys):
+    import shutil
+
+    from selm.stats import outcomes
+
+    ref, _ = reference_run
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("*.safetensors", "model", "start_model", "tb"))
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {out / 'report.md'}"
+    text = (out / "report.md").read_text()
+    for png in ("gold_reward.png", "win_rates.png", "length_and_cut_off.png", "reward_distribution.png",
+                "training_curves.png"):
+        assert (out / "plots" / png).stat().st_size > 1000 and f"plots/{png}" in text, png
+    data = json.loads((out / "report.json").read_text())
+    gold = {t: {r["prompt_id"]: r["gold"] for r in map(json.loads, (out / f"iter_{t}" / "evaluate" /
+            "generations.jsonl").read_text().splitlines())} for t in (0, 1, 2)}
+    ids = sorted(gold[2])
+    expect_prev = outcomes([gold[2][i] for i in ids], [gold[1][i] for i in ids])
+    row = data["per_iteration"][2]
+    assert row["win_vs_previous"]["mean"] == pytest.approx(sum(expect_prev) / len(expect_prev))
+    m2 = json.loads((out / "iter_2" / "evaluate" / "metrics.json").read_text())
+    assert row["win_vs_start"]["mean"] == pytest.approx(m2["win_rates"]["start"]["win_rate"])
+    assert row["gold"]["mean"] == pytest.approx(m2["gold_mean"])
+    assert row["cut_off"]["mean"] == pytest.approx(m2["cut_off_fraction"])
+    assert row["pairs"] == json.loads((out / "iter_2" / "pair" / "DONE.json").read_text())["pairs"]
+    assert f"| 2 | {row['pairs']} | {row['gold']['mean']:.3f} [" in text
+    assert data["per_iteration"][0]["win_vs_previous"]["mean"] is None

@@ -29,9 +29,11 @@ import math
 import os
 import re
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from selm.chat import Messages, has_chat_template, plain_prompt
@@ -102,12 +104,36 @@ def import_function(spec: str | None, key: str) -> Callable:
         raise RankerError(f"{key}.callable: expected \"module:function\", got {spec!r}")
     module_name, _, attr = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = getattr(_import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise RankerError(f"{key}.callable: cannot import {spec!r}: {e}") from None
+        where = ", ".join(str(d) for d in _callable_dirs())
+        raise RankerError(f"{key}.callable: cannot import {spec!r}: {e} (looked in the Python path, then {where})") from None
     if not callable(fn):
         raise RankerError(f"{key}.callable: {spec!r} is not callable")
     return fn
+
+
+def _callable_dirs() -> list[Path]:
+    """Where a user's module may live besides the Python path: the config file's folder, then the
+    working directory (the `selm` script, unlike `python -m`, does not put the latter on the path)."""
+    from selm.config import CALLABLE_DIRS
+
+    return list(dict.fromkeys([*CALLABLE_DIRS, Path.cwd().resolve()]))
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        top = name.split(".")[0]
+        if e.name != top:  # the module exists but fails to import something of its own
+            raise
+    # Appended, not prepended: a file in these folders never shadows an installed package.
+    for d in _callable_dirs():
+        if str(d) not in sys.path and ((d / f"{top}.py").is_file() or (d / top).is_dir()):
+            sys.path.append(str(d))
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
 
 
 # ---------------------------------------------------------------------------------------------

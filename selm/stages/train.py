@@ -319,19 +319,19 @@ def metrics_row(stats: StepStats, *, step: int, total_steps: int, epochs: int, s
     """One metrics.jsonl line for optimizer step `step` (1-based) from the step's statistics over all
     processes: per-example means and the step's rate, gradient norm and throughput."""
     row = {k: v / stats.examples for k, v in stats.sums.items()}
-    row.update({"step": step, "epoch": step / total_steps * epochs, "lr": stats.lr, "grad_norm": float(stats.grad_norm),
+    row.update({"step": step, "total_steps": total_steps, "epoch": step / total_steps * epochs, "lr": stats.lr,
+                "grad_norm": float(stats.grad_norm),
                 "tokens_per_s": stats.tokens / seconds, "pairs": pairs})
     return row
 
 
-def _log_row(stage_dir: Path, tb, row: dict) -> None:
-    """Append `row` to the metrics file being written and to TensorBoard (when on)."""
+def _log_row(stage_dir: Path, loggers: list, row: dict) -> None:
+    """Append `row` to the metrics file being written and send it to the train.report_to loggers."""
     with open(stage_dir / PARTIAL, "ab") as f:
         f.write((json.dumps(row) + "\n").encode())
-    if tb is not None:
-        for k, v in row.items():
-            if k != "step":
-                tb.add_scalar(k, v, row["step"])
+    scalars = {k: v for k, v in row.items() if k not in ("step", "total_steps")}
+    for log in loggers:
+        log.log(scalars, row["step"])
 
 
 def _finish(accelerator, module, tokenizer, stage_dir: Path, summary: dict) -> None:
@@ -442,7 +442,7 @@ def run_train(
     if accelerator.is_main_process:
         save_config(cfg, stage_dir / "config.yaml")
     start_step = _resume(accelerator, stage_dir, module, optimizer, scheduler)
-    tb = _tensorboard(stage_dir, tc, accelerator.is_main_process, start_step)
+    loggers = _loggers(stage_dir, cfg, accelerator.is_main_process, start_step)
 
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
@@ -460,14 +460,14 @@ def run_train(
             if accelerator.is_main_process:
                 row = metrics_row(stats, step=done, total_steps=total_steps, epochs=tc.epochs,
                                   seconds=time.perf_counter() - t0, pairs=len(step_examples))
-                _log_row(stage_dir, tb, row)
+                _log_row(stage_dir, loggers, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
         if tc.save_every_steps and done % tc.save_every_steps == 0 and done < total_steps:
             metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
     bar.close()
-    if tb is not None:
-        tb.close()
+    for log in loggers:
+        log.close()
     if end < total_steps:
         return {"stopped_at": max_steps}
 
@@ -492,14 +492,60 @@ def _accumulate(sums: dict[str, float], out: dict, logps: dict, refs: dict) -> N
         sums[k] = sums.get(k, 0.0) + float(v.detach().float().sum())
 
 
-def _tensorboard(stage_dir: Path, tc: TrainConfig, main: bool, start_step: int):
-    if not (tc.tensorboard and main):
-        return None
-    try:
+class _TensorBoard:
+    """Events in the stage's tb/ folder; a resumed run drops the events after its checkpoint."""
+
+    def __init__(self, stage_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    tb_dir = stage_dir / "tb"
-    if start_step == 0:
-        shutil.rmtree(tb_dir, ignore_errors=True)
-    return SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
+
+        tb_dir = stage_dir / "tb"
+        if start_step == 0:
+            shutil.rmtree(tb_dir, ignore_errors=True)
+        self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """A Weights & Biases run per training stage, named after the stage folder, with the config.
+    WANDB_PROJECT, WANDB_MODE (e.g. offline), WANDB_ENTITY come from the environment; the API key
+    never passes through selm. Its local files go to the stage's wandb/ folder."""
+
+    def __init__(self, stage_dir: Path, cfg: Config, start_step: int):
+        try:
+            import wandb
+        except ImportError:
+            raise InputError("train.report_to: 'wandb' needs the wandb package (pip install wandb)") from None
+        from selm.config import config_to_dict
+
+        name = "/".join(stage_dir.resolve().parts[-3:])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "selm"), name=name, dir=str(stage_dir),
+                              config=config_to_dict(cfg), reinit="create_new",
+                              notes=f"resumed at step {start_step}" if start_step else None)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _loggers(stage_dir: Path, cfg: Config, main: bool, start_step: int) -> list:
+    """The train.report_to loggers, on the main process only."""
+    if not main:
+        return []
+    out = []
+    for name in cfg.train.loggers():
+        if name == "tensorboard":
+            try:
+                out.append(_TensorBoard(stage_dir, start_step))
+            except ImportError:  # tensorboard is a dependency; a trimmed install still trains
+                continue
+        elif name == "wandb":
+            out.append(_WandB(stage_dir, cfg, start_step))
+    return out

@@ -131,15 +131,20 @@ def _errbar(ax, xs, summaries: list[dict], label: str, scale: float = 1.0) -> No
     ax.set_xticks(list(xs))
 
 
-def _plots(data: dict, plots: Path) -> list[str]:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def figure_saver(plots: Path, made: list[str]):
+    """save(fig, name): write the figure atomically as plots/name and record the name in `made`."""
+    plt = pyplot()
     plots.mkdir(parents=True, exist_ok=True)
-    made = []
-    T, arms = data["iterations"], data["arms"]
 
     def save(fig, name):
         fig.tight_layout()
@@ -148,6 +153,25 @@ def _plots(data: dict, plots: Path) -> list[str]:
         plt.close(fig)
         tmp.replace(plots / name)
         made.append(name)
+
+    return save
+
+
+def training_curves(ax_row, curves: list[dict], label: str) -> None:
+    """Loss, reward margin and exploration term against the optimizer step, on three axes."""
+    if curves:
+        for ax, key in zip(ax_row, ("loss", "margin", "explore")):
+            ax.plot([p["step"] for p in curves], [p[key] for p in curves], label=label)
+
+
+CURVE_TITLES = ("loss", "rewards/margins", "loss/explore (alpha*beta*(logp - logp_ref) of y0)")
+
+
+def _plots(data: dict, plots: Path) -> list[str]:
+    plt = pyplot()
+    made: list[str] = []
+    save = figure_saver(plots, made)
+    T, arms = data["iterations"], data["arms"]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
@@ -185,12 +209,8 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for arm in arms:
-        c = data["per_arm"][arm]["curves"]
-        if not c:
-            continue
-        for ax, key in zip(axes, ("loss", "margin", "explore")):
-            ax.plot([p["step"] for p in c], [p[key] for p in c], label=arm)
-    for ax, title in zip(axes, ("loss", "rewards/margins", "loss/explore (alpha*beta*(logp - logp_ref) of y0)")):
+        training_curves(axes, data["per_arm"][arm]["curves"], arm)
+    for ax, title in zip(axes, CURVE_TITLES):
         ax.set(title=title, xlabel="optimizer step (all iterations, first seed)")
         ax.legend(fontsize=8)
     save(fig, "training_curves.png")

@@ -53,9 +53,13 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
               title: str = "study") -> Path:
     from tqdm.auto import tqdm
 
-    from selm.loop import run_loop, stage_count
+    from selm.loop import preflight, run_loop, stage_count
 
     out = Path(out)
+    cfgs = {(a.name, s): arm_config(base, a, s) for a in arms for s in seeds}  # validate all before running
+    # Before study.json is written, so that a corrected re-run is not refused as a change. Arms share
+    # the data, model and rankers (they differ in training settings): the first config checks them.
+    preflight(next(iter(cfgs.values())))
     out.mkdir(parents=True, exist_ok=True)
     spec = {"title": title, "arms": [{"name": a.name, "overrides": a.overrides} for a in arms], "seeds": seeds,
             "base": base}
@@ -64,7 +68,6 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
         raise ConfigError(f"{spec_path}: this study was started with different arms, seeds or config; "
                           "pass --continue-with-new-config to go on with the new one")
     atomic_write_json(spec_path, spec)
-    cfgs = {(a.name, s): arm_config(base, a, s) for a in arms for s in seeds}  # validate all before running
     total = sum(stage_count(c) for c in cfgs.values())
     bar = tqdm(total=total, desc=title, unit="stage", position=0)
     first_run: Path | None = None
