@@ -128,18 +128,23 @@ class GenerateConfig:
 
 @dataclass
 class RankConfig:
-    kind: Literal["callable", "reward_model", "pairwise", "http_judge"] = "callable"
+    kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge"] = "callable"
     """Ranker type: a Python function ("callable"), a sequence-classification reward model, a pairwise
-    preference function aggregated to a ranking, or an LLM judge behind an OpenAI-compatible endpoint."""
+    preference function aggregated to a ranking, "pairrm" (llm-blender's PairRM, the authors' ranker,
+    from a local checkpoint folder in `model`: every ordered pair of candidates compared, score = mean
+    log-odds of beating the others over both orders), or an LLM judge behind an OpenAI-compatible
+    endpoint."""
     callable: Optional[str] = None
     """For "callable": "module:function" with function(prompt, responses) -> list of floats.
     For "pairwise": "module:function" with function(prompt, a, b) -> P(a beats b)."""
     model: Optional[str] = None
-    """For "reward_model": the reward model folder (its own tokenizer and chat template are used)."""
+    """For "reward_model": the reward model folder (its own tokenizer and chat template are used).
+    For "pairrm": the PairRM folder (llm-blender/PairRM or llm-blender/PairRM-hf, downloaded; safetensors)."""
     batch_size: int = 8
-    """Responses scored per forward pass (reward model)."""
+    """Responses (reward model) or pairwise comparisons (pairrm) per forward pass."""
     max_length: int = 1024
-    """Longest (prompt + response) the reward model sees, in its own tokens."""
+    """Longest (prompt + response) the reward model sees, in its own tokens. PairRM keeps its own
+    trained lengths (prompt 1224, each candidate 412 tokens plus what the prompt leaves)."""
     url: Optional[str] = None
     """For "http_judge": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
     judge_model: Optional[str] = None
@@ -456,8 +461,10 @@ def check_for_loop(cfg: Config) -> None:
             if name == "evaluate.judge" and not cfg.evaluate.enabled:
                 continue
             raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
-        if rc.kind == "reward_model" and not rc.model:
-            raise ConfigError(f"{name}.model: required when {name}.kind is 'reward_model'")
+        if rc.kind in ("reward_model", "pairrm") and not rc.model:
+            if name == "evaluate.judge" and not cfg.evaluate.enabled:
+                continue
+            raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
         if rc.kind == "http_judge" and not (rc.url and rc.judge_model):
             raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is 'http_judge'")
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
