@@ -269,6 +269,10 @@ class LoopConfig:
     learning_rates: Optional[list[float]] = None
     """Per-iteration peak learning rates (length = iterations), e.g. the authors' decay
     [5e-7, 3e-7, 1e-7]. Unset: train.learning_rate every iteration."""
+    alphas: Optional[list[float]] = None
+    """Per-iteration optimism coefficients (length = iterations), replacing train.alpha in iteration t
+    with alphas[t-1]; e.g. [0, 1e-3, 1e-3, 1e-3] for the authors' Zephyr recipe (one plain DPO
+    iteration, then SELM). Unset: train.alpha every iteration."""
 
     def __post_init__(self):
         if self.iterations < 1:
@@ -280,6 +284,11 @@ class LoopConfig:
                 )
             if any(lr <= 0 for lr in self.learning_rates):
                 raise ConfigError("loop.learning_rates: every value must be > 0")
+        if self.alphas is not None:
+            if len(self.alphas) != self.iterations:
+                raise ConfigError(f"loop.alphas: has {len(self.alphas)} values, loop.iterations is {self.iterations}")
+            if any(not a >= 0 for a in self.alphas):
+                raise ConfigError("loop.alphas: every value must be >= 0")
 
 
 @dataclass
@@ -328,6 +337,12 @@ class Config:
         if self.loop.learning_rates:
             return self.loop.learning_rates[t - 1]
         return self.train.learning_rate
+
+    def alpha_for_iteration(self, t: int) -> float:
+        """Optimism coefficient of iteration t (1-based)."""
+        if self.loop.alphas is not None:
+            return self.loop.alphas[t - 1]
+        return self.train.alpha
 
 
 # ---------------------------------------------------------------------------------------------
