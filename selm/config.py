@@ -90,8 +90,9 @@ def check_sampling(prefix: str, *, num_samples: int, temperature: float, top_p: 
 
 @dataclass
 class GenerateConfig:
-    backend: Literal["hf"] = "hf"
-    """Generation engine. "hf": Hugging Face transformers (CPU or one GPU)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine. "hf": Hugging Face transformers (CPU or one GPU). "vllm": vLLM on GPUs (the
+    authors' generator; named by the shipped recipes)."""
     num_samples: int = 2
     """k sampled responses per prompt (candidates for ranking)."""
     temperature: float = 0.7
