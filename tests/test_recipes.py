@@ -84,3 +84,18 @@ def test_recipe_runs_one_iteration_on_the_tiny_model(name, tmp_path):
     assert done["alpha"] == EXPECTED[name]["alphas"][0]
     assert done["learning_rate"] == EXPECTED[name]["lrs"][0]
     assert done["pairs"] == len(gens)
+
+
+def test_readme_commands_name_each_recipe_and_its_launch():
+    """The README's "Recipes" commands launch every recipe under the ZeRO-3 config, and the keys they
+    set are exactly what the recipes leave to the user."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Recipes", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"accelerate launch --config_file (\S+) -m selm\.cli run (\S+) \\\n\s+(.*)", section)
+    assert sorted(Path(c[1]).stem for c in commands) == sorted(EXPECTED)
+    for zero3, recipe, rest in commands:
+        assert zero3 == "configs/accelerate/zero3.yaml" and (ROOT / recipe).is_file()
+        sets = re.findall(r"--set (\S+)", rest)
+        assert sorted(s.split("=")[0] for s in sets) == ["data.prompts", "rank.model"]
+        check_for_loop(load_config(ROOT / recipe, sets))
+        assert f"run {recipe}" in (ROOT / recipe).read_text()
