@@ -468,10 +468,11 @@ def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: required to run the loop")
-    if cfg.evaluate.enabled and cfg.evaluate.judge.kind == "pairwise":
+    if cfg.evaluate.enabled and cfg.evaluate.judge.kind in ("pairwise", "pairrm"):
         # The gold judge scores one response per prompt on an absolute scale; a pairwise judge has
         # nothing to compare a single response with.
-        raise ConfigError("evaluate.judge.kind: 'pairwise' cannot score single responses; use a pointwise judge")
+        raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
+                          "use a pointwise judge")
     for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
         if rc.kind in ("callable", "pairwise") and not rc.callable:
             if name == "evaluate.judge" and not cfg.evaluate.enabled:

@@ -216,3 +216,8 @@ def test_config_requires_the_folder():
         check_for_loop(cfg)
     with pytest.raises(InputError, match=r"^rank\.model: required"):
         pr.load_pairrm(RankConfig(kind="pairrm"), "rank")
+    # A gold judge scores one answer per prompt; PairRM has nothing to compare it with.
+    judged = config_from_dict({"data": {"prompts": "p.jsonl"}, "rank": {"kind": "pairrm", "model": "x"},
+                               "evaluate": {"judge": {"kind": "pairrm", "model": "x"}}})
+    with pytest.raises(ConfigError, match=r"^evaluate\.judge\.kind: 'pairrm' cannot score single responses"):
+        check_for_loop(judged)

@@ -237,7 +237,7 @@ class PairRM:
 
     def _segment(self, marker: str, text: str, limit: int) -> list[int]:
         """[CLS] <marker> text [SEP], cut at the end to `limit` tokens (the marker is always kept)."""
-        body = self.tokenizer(marker + self._clean(text), add_special_tokens=False)["input_ids"]
+        body = self.tokenizer(marker + self._clean(text), add_special_tokens=False, verbose=False)["input_ids"]
         return [self.tokenizer.cls_token_id] + body[:limit - 2] + [self.tokenizer.sep_token_id]
 
     def encode(self, source: str, a: str, b: str) -> tuple[list[int], tuple[int, int, int]]:
