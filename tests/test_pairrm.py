@@ -4,6 +4,7 @@ both orders of every pair, batch independence, both checkpoint layouts, and bad 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from selm.config import ConfigError, RankConfig, check_for_loop, config_from_dict
 from selm.engines import pairrm as pr
 from selm.engines.rankers import PairRMRanker, RankerError, build_ranker
-from selm.io import InputError
-from selm.tiny import save_tiny_pairrm, tiny_deberta_config
+from selm.io import InputError, atomic_write_jsonl
+from selm.stages.rank import run_rank
+from selm.tiny import build_tiny_tokenizer, save_tiny_pairrm, tiny_deberta_config
 
 CANDS = ["The capital of France is Paris.", "paris", "I do not know, sorry!!", "Lyon? Marseille? Paris."]
 
@@ -190,13 +192,11 @@ def test_bad_folders_name_the_key(ckpt, tmp_path):
     headless = tmp_path / "headless"
     shutil.copytree(ckpt, headless)
     w = load_file(str(ckpt / "model.safetensors"))
-    from safetensors.torch import save_file
     save_file({k: v for k, v in w.items() if not k.startswith("head_layer.")}, str(headless / "model.safetensors"))
     assert "the weights do not fit PairRM's DeBERTa-v2 + head (missing head_layer.1.weight" in err(headless)
     # A tokenizer without PairRM's markers.
     notok = tmp_path / "notok"
     shutil.copytree(ckpt, notok)
-    from selm.tiny import build_tiny_tokenizer
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (notok / f).unlink()
     t = build_tiny_tokenizer(chat_template=False)
@@ -221,3 +221,20 @@ def test_config_requires_the_folder():
                                "evaluate": {"judge": {"kind": "pairrm", "model": "x"}}})
     with pytest.raises(ConfigError, match=r"^evaluate\.judge\.kind: 'pairrm' cannot score single responses"):
         check_for_loop(judged)
+
+
+def test_rank_stage_writes_pairrm_scores(ckpt, model, tmp_path):
+    gens = tmp_path / "generations.jsonl"
+    atomic_write_jsonl(gens, [
+        {"prompt_id": "a", "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+         "candidates": CANDS[:3], "sources": ["greedy", "dataset_chosen", "dataset_rejected"]},
+        {"prompt_id": "b", "prompt": "Say hi.", "candidates": ["hi", "no"], "sources": ["greedy", "dataset_chosen"]},
+    ])
+    cfg = config_from_dict({"data": {"prompts": "p.jsonl"}, "rank": {"kind": "pairrm", "model": str(ckpt)}})
+    stats = run_rank(cfg, gens, tmp_path / "rank")
+    assert stats["ranker"] == "pairrm" and stats["scored"] == 2
+    rows = [json.loads(l) for l in (tmp_path / "rank" / "scores.jsonl").read_text().splitlines()]
+    want = model.rank_scores(["What is the capital of France?", "Say hi."], [CANDS[:3], ["hi", "no"]])
+    for row, w in zip(rows, want):
+        assert row["scores"] == pytest.approx(w, abs=1e-5)
+    assert (tmp_path / "rank" / "DONE.json").is_file()
