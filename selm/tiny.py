@@ -123,6 +123,6 @@ def tiny_deberta_config(hidden_size: int = 32) -> dict:
     """A DeBERTa-v3-style encoder (relative attention, shared keys, p2c|c2p) at toy size; weights drawn
     wider than usual so that a random model tells candidates apart clearly."""
     return dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden_size,
-                hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0, relative_attention=True, initializer_range=0.2,
-                max_relative_positions=-1, position_buckets=32, norm_rel_ebd="layer_norm", share_att_key=True,
+                hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
+                initializer_range=0.2, max_relative_positions=-1, position_buckets=32, norm_rel_ebd="layer_norm", share_att_key=True,
                 pos_att_type=["p2c", "c2p"], position_biased_input=False, layer_norm_eps=1e-7, pad_token_id=0)

@@ -69,8 +69,8 @@ def _manual_logit(ckpt, m, source, a, b) -> float:
     w = load_file(str(ckpt / "model.safetensors"))
     ids, marks = m.encode(source, a, b)
     with torch.no_grad():
-        h = m.model.pretrained_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        h = h.last_hidden_state[0]
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        h = m.model.pretrained_model(input_ids=torch.tensor([ids]), attention_mask=mask).last_hidden_state[0]
     # The encoder inside the module carries the checkpoint's weights.
     assert torch.equal(m.model.pretrained_model.embeddings.word_embeddings.weight,
                        w["pretrained_model.embeddings.word_embeddings.weight"])

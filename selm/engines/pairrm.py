@@ -192,8 +192,9 @@ class PairRM:
         # Older transformers saved the position_ids buffer; it carries no weights.
         unexpected = [k for k in unexpected if not k.endswith("position_ids")]
         if missing or unexpected:
-            what = (f"missing {', '.join(missing[:3])}" if missing else "") + ("; " if missing and unexpected else "") + (
-                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+            parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+                [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+            what = "; ".join(parts)
             raise InputError(f"{key}: {path}: the weights do not fit PairRM's DeBERTa-v2 + head ({what})")
         self.device = torch.device(device) if device is not None else default_device()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -272,7 +273,8 @@ class PairRM:
                     out[k] = float(logits[r].float())
         return out
 
-    def comparison_matrices(self, sources: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[list[float]]]:
+    def comparison_matrices(self, sources: Sequence[str],
+                            candidates: Sequence[Sequence[str]]) -> list[list[list[float]]]:
         """L[p][i][j] = logit that candidate i beats j for prompt p (both orders of every pair; diagonal 0)."""
         triples, where = [], []
         for p, (src, cands) in enumerate(zip(sources, candidates)):
