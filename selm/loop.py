@@ -33,6 +33,7 @@ def stage_dir(out: Path, t: int, stage: str) -> Path:
 def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     """Save the config into the run folder; refuse a different one for an existing run."""
     check_for_loop(cfg)
+    _check_ranker_folders(cfg)
     path = Path(out) / "config.yaml"
     diffs = None  # None: nothing saved yet
     if path.is_file():
@@ -48,6 +49,16 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
                 f.write("; ".join(diffs) + "\n")
         save_config(cfg, path)
     dist.barrier()
+
+
+def _check_ranker_folders(cfg: Config) -> None:
+    """A ranker's model folder must exist before the run starts, not after hours of generation."""
+    from selm.models import local_model_dir
+
+    judges = [("rank", cfg.rank)] + ([("evaluate.judge", cfg.evaluate.judge)] if cfg.evaluate.enabled else [])
+    for key, rc in judges:
+        if rc.kind in ("reward_model", "pairrm") and rc.model:
+            local_model_dir(rc.model, f"{key}.model")
 
 
 def _diff(old, new, prefix="") -> list[str]:

@@ -101,3 +101,14 @@ def test_readme_commands_name_each_recipe_and_its_launch():
         assert sorted(s.split("=")[0] for s in sets) == ["data.prompts", "rank.model"]
         check_for_loop(load_config(ROOT / recipe, sets))
         assert f"run {recipe}" in (ROOT / recipe).read_text()
+
+
+def test_a_missing_pairrm_folder_stops_the_run_before_generation(tmp_path, capsys):
+    from selm.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["run", str(RECIPES / "phi3-mini.yaml"), "--output-dir", str(out), "--set", f"data.prompts={SAMPLE}",
+               "--set", f"rank.model={tmp_path / 'no_such_PairRM'}", "--set", "model.name_or_path=tiny"])
+    assert rc == 2
+    assert "rank.model: " in capsys.readouterr().err
+    assert not (out / "iter_1").exists()
