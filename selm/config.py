@@ -96,8 +96,9 @@ def check_sampling(prefix: str, *, num_samples: int, temperature: float, top_p: 
 
 @dataclass
 class GenerateConfig:
-    backend: Literal["hf"] = "hf"
-    """Generation engine. "hf": Hugging Face transformers (CPU or one GPU)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine. "hf": Hugging Face transformers (CPU or one GPU). "vllm": vLLM on GPUs (the
+    authors' generator; named by the shipped recipes)."""
     num_samples: int = 2
     """k sampled responses per prompt (candidates for ranking)."""
     temperature: float = 0.7
@@ -134,18 +135,23 @@ class GenerateConfig:
 
 @dataclass
 class RankConfig:
-    kind: Literal["callable", "reward_model", "pairwise", "http_judge"] = "callable"
+    kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge"] = "callable"
     """Ranker type: a Python function ("callable"), a sequence-classification reward model, a pairwise
-    preference function aggregated to a ranking, or an LLM judge behind an OpenAI-compatible endpoint."""
+    preference function aggregated to a ranking, "pairrm" (llm-blender's PairRM, the authors' ranker,
+    from a local checkpoint folder in `model`: every ordered pair of candidates compared, score = mean
+    log-odds of beating the others over both orders), or an LLM judge behind an OpenAI-compatible
+    endpoint."""
     callable: Optional[str] = None
     """For "callable": "module:function" with function(prompt, responses) -> list of floats.
     For "pairwise": "module:function" with function(prompt, a, b) -> P(a beats b)."""
     model: Optional[str] = None
-    """For "reward_model": the reward model folder (its own tokenizer and chat template are used)."""
+    """For "reward_model": the reward model folder (its own tokenizer and chat template are used).
+    For "pairrm": the PairRM folder (llm-blender/PairRM or llm-blender/PairRM-hf, downloaded; safetensors)."""
     batch_size: int = 8
-    """Responses scored per forward pass (reward model)."""
+    """Responses (reward model) or pairwise comparisons (pairrm) per forward pass."""
     max_length: int = 1024
-    """Longest (prompt + response) the reward model sees, in its own tokens."""
+    """Longest (prompt + response) the reward model sees, in its own tokens. PairRM keeps its own
+    trained lengths (prompt 1224, each candidate 412 tokens plus what the prompt leaves)."""
     url: Optional[str] = None
     """For "http_judge": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
     judge_model: Optional[str] = None
@@ -286,6 +292,10 @@ class LoopConfig:
     learning_rates: Optional[list[float]] = None
     """Per-iteration peak learning rates (length = iterations), e.g. the authors' decay
     [5e-7, 3e-7, 1e-7]. Unset: train.learning_rate every iteration."""
+    alphas: Optional[list[float]] = None
+    """Per-iteration optimism coefficients (length = iterations), replacing train.alpha in iteration t
+    with alphas[t-1]; e.g. [0, 1e-3, 1e-3, 1e-3] for the authors' Zephyr recipe (one plain DPO
+    iteration, then SELM). Unset: train.alpha every iteration."""
 
     def __post_init__(self):
         if self.iterations < 1:
@@ -297,6 +307,11 @@ class LoopConfig:
                 )
             if any(lr <= 0 for lr in self.learning_rates):
                 raise ConfigError("loop.learning_rates: every value must be > 0")
+        if self.alphas is not None:
+            if len(self.alphas) != self.iterations:
+                raise ConfigError(f"loop.alphas: has {len(self.alphas)} values, loop.iterations is {self.iterations}")
+            if any(not a >= 0 for a in self.alphas):
+                raise ConfigError("loop.alphas: every value must be >= 0")
 
 
 @dataclass
@@ -345,6 +360,12 @@ class Config:
         if self.loop.learning_rates:
             return self.loop.learning_rates[t - 1]
         return self.train.learning_rate
+
+    def alpha_for_iteration(self, t: int) -> float:
+        """Optimism coefficient of iteration t (1-based)."""
+        if self.loop.alphas is not None:
+            return self.loop.alphas[t - 1]
+        return self.train.alpha
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,17 +492,20 @@ def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: required to run the loop")
-    if cfg.evaluate.enabled and cfg.evaluate.judge.kind == "pairwise":
+    if cfg.evaluate.enabled and cfg.evaluate.judge.kind in ("pairwise", "pairrm"):
         # The gold judge scores one response per prompt on an absolute scale; a pairwise judge has
         # nothing to compare a single response with.
-        raise ConfigError("evaluate.judge.kind: 'pairwise' cannot score single responses; use a pointwise judge")
+        raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
+                          "use a pointwise judge")
     for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
         if rc.kind in ("callable", "pairwise") and not rc.callable:
             if name == "evaluate.judge" and not cfg.evaluate.enabled:
                 continue
             raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
-        if rc.kind == "reward_model" and not rc.model:
-            raise ConfigError(f"{name}.model: required when {name}.kind is 'reward_model'")
+        if rc.kind in ("reward_model", "pairrm") and not rc.model:
+            if name == "evaluate.judge" and not cfg.evaluate.enabled:
+                continue
+            raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
         if rc.kind == "http_judge" and not (rc.url and rc.judge_model):
             raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is 'http_judge'")
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:

@@ -16,6 +16,7 @@ ITERATION_STAGES says which stage reads which and which resumes).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -46,7 +47,7 @@ def preflight(cfg: Config, out: Path | None = None) -> None:
     for key, rc in judges:
         if rc.kind in ("callable", "pairwise"):
             import_function(rc.callable, key)
-        elif rc.kind == "reward_model":
+        elif rc.kind in ("reward_model", "pairrm"):
             local_model_dir(rc.model, f"{key}.model")
     check_loggers(cfg)
 
@@ -181,7 +182,10 @@ def _pair(cfg: Config, out: Path, t: int, sd: Path) -> None:
 def _train(cfg: Config, out: Path, t: int, sd: Path) -> None:
     from selm.stages.train import run_train
 
-    run_train(cfg, stage_dir(out, t, "pair") / "pairs.jsonl", model_for_iteration(cfg, out, t), sd,
+    # The iteration's alpha goes in through the config, so the stage's config.yaml, its reference
+    # cache key and DONE.json all record the alpha it trained with.
+    cfg_t = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, alpha=cfg.alpha_for_iteration(t)))
+    run_train(cfg_t, stage_dir(out, t, "pair") / "pairs.jsonl", model_for_iteration(cfg, out, t), sd,
               learning_rate=cfg.lr_for_iteration(t), seed=_seed(cfg, t))
 
 

@@ -21,6 +21,9 @@ def test_yaml_overrides_and_round_trip(tmp_path):
     cfg = load_config(y, ["train.alpha=0", "seed=7"])
     assert cfg.train.alpha == 0.0 and cfg.train.beta == 0.05 and cfg.seed == 7
     assert cfg.lr_for_iteration(2) == 1e-7
+    assert cfg.alpha_for_iteration(2) == 0.0  # train.alpha when loop.alphas is unset
+    cfg2 = load_config(y, ["loop.alphas=[0, 1e-4]"])
+    assert [cfg2.alpha_for_iteration(t) for t in (1, 2)] == [0.0, 1e-4]
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
 
@@ -31,6 +34,8 @@ def test_yaml_overrides_and_round_trip(tmp_path):
     ("train.beta=0", r"train.beta: must be > 0"),
     ("train.loss=hinge", r"train.loss: 'hinge' is not one of"),
     ("loop.learning_rates=[1e-6]", r"loop.learning_rates: has 1 values, loop.iterations is 3"),
+    ("loop.alphas=[0, 1e-3]", r"loop.alphas: has 2 values, loop.iterations is 3"),
+    ("loop.alphas=[0, -1e-3, 0]", r"loop.alphas: every value must be >= 0"),
     ("evaluate.judge.batch_size=0", r"evaluate.judge.batch_size: must be >= 1"),
     ("train.max_prompt_length=2000", r"train.max_length: must be greater than train.max_prompt_length"),
     ("bogus=1", r"bogus: unknown key"),

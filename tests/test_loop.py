@@ -209,3 +209,18 @@ def test_report_of_a_run_folder(reference_run, tmp_path, capsys):
     assert row["pairs"] == json.loads((out / "iter_2" / "pair" / "DONE.json").read_text())["pairs"]
     assert f"| 2 | {row['pairs']} | {row['gold']['mean']:.3f} [" in text
     assert data["per_iteration"][0]["win_vs_previous"]["mean"] is None
+
+
+def test_per_iteration_alphas_reach_training(tmp_path):
+    """loop.alphas: iteration t trains with alphas[t-1] (its DONE.json, its config.yaml and its
+    exploration loss say so); 0 is plain DPO, whose exploration term is exactly zero."""
+    out = tmp_path / "alphas"
+    rc = main(["run", str(TINY), "--output-dir", str(out), "--set", "loop.alphas=[0, 0.05]",
+               "--set", "evaluate.enabled=false", "--set", "train.epochs=1"])
+    assert rc == 0
+    for t, alpha in ((1, 0.0), (2, 0.05)):
+        sd = out / f"iter_{t}" / "train"
+        assert json.loads((sd / "DONE.json").read_text())["alpha"] == alpha
+        assert f"alpha: {alpha}" in (sd / "config.yaml").read_text()
+        explore = [json.loads(l)["loss/explore"] for l in (sd / "metrics.jsonl").read_text().splitlines()]
+        assert (all(e == 0 for e in explore) if alpha == 0 else any(e != 0 for e in explore)), (t, explore)

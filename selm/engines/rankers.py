@@ -1,6 +1,6 @@
 """Rankers: score each prompt's candidate responses (higher = better).
 
-One interface, four implementations chosen by ``RankConfig.kind``::
+One interface, five implementations chosen by ``RankConfig.kind``::
 
     ranker = build_ranker(cfg.rank, key="rank")
     scores = ranker.score(prompts, candidates)   # prompts: list of message lists (ending with a user
@@ -12,6 +12,9 @@ One interface, four implementations chosen by ``RankConfig.kind``::
                   and chat template (not the policy's); score = logit 0 at the last non-pad token.
 - "pairwise":     ``f(prompt_messages, a, b) -> P(a beats b)``, aggregated over all ordered pairs to
                   a mean win probability per candidate (the authors rank with the pairwise PairRM).
+- "pairrm":       llm-blender's PairRM pairwise reward model from a local checkpoint folder (our own
+                  implementation, selm/engines/pairrm.py): every ordered pair compared, score = mean
+                  over the others of the log-odds of winning, both orders combined (as the authors).
 - "http_judge":   an LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint that rates
                   each response 1-10 (stdlib urllib; the API key is read from the environment at call
                   time and never stored, logged or put in an error message).
@@ -310,6 +313,32 @@ class RewardModelRanker(Ranker):
         self.model = None
 
 
+class PairRMRanker(Ranker):
+    """PairRM over a local checkpoint folder (``cfg.model``); ``cfg.batch_size`` comparisons per
+    forward pass. See selm/engines/pairrm.py for the input format, the head and the aggregation."""
+
+    def __init__(self, cfg: RankConfig, key: str = "rank"):
+        super().__init__(cfg, key)
+        from selm.engines.pairrm import load_pairrm, source_text
+
+        try:
+            self.pairrm = load_pairrm(cfg, key)
+        except InputError as e:
+            raise RankerError(str(e)) from None
+        self._source = source_text
+
+    def _score_batch(self, prompts, candidates, ids):
+        try:
+            return self.pairrm.rank_scores([self._source(p) for p in prompts], candidates)
+        except Exception as e:
+            where = ", ".join(_where(ids, i) for i in range(len(prompts)))
+            raise RankerError(f"{self.key}.model: PairRM forward pass failed ({where}): {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        if getattr(self, "pairrm", None) is not None:
+            self.pairrm.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # LLM judge over HTTP
 
@@ -423,7 +452,7 @@ class HttpJudgeRanker(Ranker):
 
 
 RANKERS = {"callable": CallableRanker, "reward_model": RewardModelRanker, "pairwise": PairwiseRanker,
-           "http_judge": HttpJudgeRanker}
+           "pairrm": PairRMRanker, "http_judge": HttpJudgeRanker}
 
 
 def build_ranker(cfg: RankConfig, key: str = "rank") -> Ranker:
