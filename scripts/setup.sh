@@ -25,7 +25,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # here). Its communication op is compiled once now, by one process: two test ranks compiling it
     # at once wait on each other's lock.
     DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true
-    DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
+    # Built inside the venv (the tests point TORCH_EXTENSIONS_DIR there too), so that another venv
+    # on the same machine neither rebuilds it nor holds its lock.
+    TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" DS_ACCELERATOR=cpu \
+      .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
   fi
   .venv/bin/python -c "import selm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   touch "$stamp"

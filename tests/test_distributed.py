@@ -28,7 +28,9 @@ WEIGHT_TOL = dict(atol=5e-4, rtol=0)  # float sums in another order, carried thr
 
 def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "DS_ACCELERATOR": "cpu", "SELM_DIST_TIMEOUT_MINUTES": "4"}
+            "DS_ACCELERATOR": "cpu", "SELM_DIST_TIMEOUT_MINUTES": "4",
+            # DeepSpeed's CPU comm op, compiled once by the test set-up into this venv.
+            "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
 
 
 def free_port() -> int:
