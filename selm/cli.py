@@ -15,6 +15,7 @@ from pathlib import Path
 from selm.config import Config, TrainConfig, ModelConfig, describe_options, field_docs, load_config
 
 EXIT_INPUT = 2
+DEBUG_HELP = "on an input error, show the traceback as well as the one-line message"
 
 
 def _shared_flags() -> dict[str, argparse.ArgumentParser]:
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selm", description="Online preference alignment with Self-Exploring "
                                      "Language Models (SELM): generate, rank, pair, train, evaluate.")
     parser.add_argument("--version", action="version", version=f"selm {__import__('selm').__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     flags = _shared_flags()
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path)
 
     p = sub.add_parser("options", help="list every config key with its type, default and meaning")
+    for p in sub.choices.values():  # `selm --debug run ...` and `selm run ... --debug` both work
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -161,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except InputError as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"selm: error{who}: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
