@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -161,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Under a multi-process launcher every rank runs this; the main rank speaks for all, the others
     # only about their own errors.
+    from selm import signals
+
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
+    previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
     try:
         return _dispatch(args)
     except InputError as e:
@@ -171,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"selm: error{who}: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print(f"selm: interrupted{who}; re-run the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"selm: stopped by {signal.Signals(signum).name}{who}; re-run the same command to continue "
+              "(finished stages are kept; training resumes from its last checkpoint)", file=sys.stderr)
+        return 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     finally:
+        signals.restore(previous)
         dist.close()
 
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from selm import dist
+from selm import dist, signals
 from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
 from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
@@ -494,6 +494,7 @@ def run_train(
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
+    signals.defer(world == 1)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
     for step in range(start_step, end):
         t0 = time.perf_counter()
         step_examples = plan.steps[step]
@@ -515,9 +516,15 @@ def run_train(
             if tb is not None:
                 tb.close()
             stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
-        if tc.save_every_steps and done % tc.save_every_steps == 0 and done < total_steps:
+        stop = signals.pending()
+        if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
             metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
+        if stop and done < total_steps:
+            bar.close()
+            raise signals.Interrupted(stop)
+    stop = signals.pending()  # a signal during the last step: the stage is finished first
+    signals.defer(False)
     bar.close()
     if tb is not None:
         tb.close()
@@ -527,6 +534,8 @@ def run_train(
     summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
                "seconds": time.perf_counter() - t_start}
     _finish(accelerator, module, tokenizer, stage_dir, summary)
+    if stop:
+        raise signals.Interrupted(stop)
     return summary
 
 
