@@ -93,6 +93,13 @@ def _source(name: str, gguf: str | None) -> str:
     if name == "tiny":
         return "the built-in tiny Llama, randomly initialised (selm/tiny.py)"
     if name.startswith("pypi:"):
+        from selm.io import InputError
+        from selm.models import packaged_gguf
+
+        try:  # name the file actually shipped (its name says which model and quantisation)
+            gguf = packaged_gguf(name[5:], gguf).name
+        except InputError:
+            pass
         return f"a GGUF file{f' ({gguf})' if gguf else ''} shipped in the PyPI package {name[5:]}, converted to safetensors"
     return f"{name}{f' ({gguf})' if gguf else ''}"
 
