@@ -150,6 +150,20 @@ def _ints(text: str | None) -> list[int] | None:
         raise InputError(f"--seeds: expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    import math
+
+    from selm.io import InputError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise InputError(f"{flag}: expected finite numbers >= 0, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-shard load/save bars would bury our own stage progress bars.
@@ -219,7 +233,7 @@ def _dispatch(args) -> int:
             path = run_demo(out, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
                             overrides=args.overrides, allow_config_change=args.continue_with_new_config)
         else:
-            path = run_sweep(out, alphas=[float(a) for a in args.alphas.split(",")], seeds=_ints(args.seeds),
+            path = run_sweep(out, alphas=_floats(args.alphas, "--alphas"), seeds=_ints(args.seeds),
                              quick=args.quick, config=args.config, overrides=args.overrides,
                              allow_config_change=args.continue_with_new_config)
         print(f"report: {path}")

@@ -316,3 +316,15 @@ def test_an_output_folder_of_a_different_run_is_refused(generated, tmp_path, cap
                  "--continue-with-new-config", folder=out)
     assert (out / "config.yaml").read_text() == before
     expect_error(capsys, ["status", tmp_path], f"{tmp_path}: not a selm run folder (no config.yaml)")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sweep", "--alphas", "0,abc"], "--alphas: expected comma-separated numbers, got '0,abc'"),
+    (["sweep", "--alphas", "0,nan"], "--alphas: expected finite numbers >= 0"),
+    (["sweep", "--alphas", "-1"], "--alphas: expected finite numbers >= 0"),
+    (["demo", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+])
+def test_bad_study_flags(tmp_path, capsys, argv, needle):
+    out = tmp_path / "study"
+    expect_error(capsys, argv + ["--output-dir", out], needle)
+    assert not out.exists()

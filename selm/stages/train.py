@@ -303,11 +303,16 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
         _find_nonfinite(nonfinite, out, idx)
     grad_norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
     step_lr = scheduler.get_last_lr()[0]  # the rate this step used
-    if not nonfinite and math.isfinite(float(grad_norm)):  # never step on NaN/inf: run_train stops instead
+    if not nonfinite and _finite(grad_norm):  # never step on NaN/inf (run_train stops; DeepSpeed stepped in backward)
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(sums, sum(len(m) for m in micros), tokens, grad_norm, step_lr, nonfinite)
+
+
+def _finite(grad_norm) -> bool:
+    # DeepSpeed reports no norm before its first step.
+    return grad_norm is None or math.isfinite(float(grad_norm))
 
 
 def _find_nonfinite(found: dict[str, list[int]], out: dict, idx: list[int]) -> None:
@@ -328,9 +333,9 @@ def stop_if_nonfinite(stats: StepStats, *, step: int, total_steps: int, stage_di
 
     The checkpoint is removed: its weights lie on the diverging path and its schedule carries the old
     learning rate, so the re-run (after fixing the settings) redoes the stage from its first step."""
-    grad_norm = float(stats.grad_norm)
-    if not stats.nonfinite and math.isfinite(grad_norm):
+    if not stats.nonfinite and _finite(stats.grad_norm):
         return
+    grad_norm = float(stats.grad_norm) if stats.grad_norm is not None else None
     if dist.is_main():
         shutil.rmtree(stage_dir / CHECKPOINT, ignore_errors=True)
     if stats.nonfinite:
@@ -503,7 +508,7 @@ def run_train(
                            normaliser=len(step_examples) / world, tc=tc)
         bar.update(1)
         done = step + 1
-        diverged = bool(stats.nonfinite) or not math.isfinite(float(stats.grad_norm))
+        diverged = bool(stats.nonfinite) or not _finite(stats.grad_norm)
         if done % tc.logging_steps == 0 or done == total_steps or diverged:
             stats = all_processes(stats)
             if accelerator.is_main_process:
