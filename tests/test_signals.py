@@ -1,6 +1,6 @@
 """SIGTERM is handled like Ctrl-C: the run stops at a safe point (training: after the current
-optimizer step, with a checkpoint), says how to resume, exits 143, and the re-run equals an
-uninterrupted run."""
+optimizer step, with a checkpoint), says how to resume, exits 128 + the signal (143, 130), and the
+re-run equals an uninterrupted run."""
 
 import json
 import signal
@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from helpers_cli import message_lines
 from test_loop import TINY, _snapshot, env, reference_run, selm_cmd  # noqa: F401 (fixture)
@@ -60,3 +61,66 @@ def test_sigterm_stops_at_a_safe_point_and_the_rerun_equals_an_uninterrupted_run
     for k in a:
         assert a[k] == b[k], k
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint"))
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_the_command_maps_each_signal_to_its_status_and_says_how_to_resume(monkeypatch, capsys, signum, status):
+    import os
+
+    import selm.cli as cli
+
+    def killed(args):  # the signal arrives while a command runs
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(cli, "_dispatch", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["status", "x"]) == status
+    err = message_lines(capsys.readouterr().err)
+    assert err == [f"selm: stopped by {signal.Signals(signum).name}; re-run the same command to continue "
+                   "(finished stages are kept; training resumes from its last checkpoint)"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+
+
+def test_ctrl_c_in_training_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    import os
+
+    from safetensors.torch import load_file
+
+    import selm.stages.train as train_mod
+    from selm import signals
+    from selm.config import load_config
+    from selm.io import atomic_write_jsonl
+
+    pairs = tmp_path / "pairs.jsonl"
+    atomic_write_jsonl(pairs, [{"prompt": f"q{i}", "chosen": "a good answer", "rejected": "no", "exploration": "hm"}
+                               for i in range(8)])
+    cfg = load_config(None, ["train.batch_size=2", "train.learning_rate=1e-2", "train.save_every_steps=3",
+                             "train.tensorboard=false"])
+    real, steps = train_mod.train_step, []
+
+    def interrupted_at_step_2(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # mid-step: noted, acted on after the step
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(train_mod, "train_step", interrupted_at_step_2)
+    previous = signals.install()
+    try:
+        with pytest.raises(signals.Interrupted):
+            train_mod.run_train(cfg, pairs, tiny_model_dir, out)
+    finally:
+        signals.restore(previous)
+    assert len(steps) == 2 and not (out / "DONE.json").exists()
+    # Step 2 is off the every-3-steps schedule: the stop saved its own checkpoint there.
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(train_mod, "train_step", real)
+    train_mod.run_train(cfg, pairs, tiny_model_dir, out)
+    train_mod.run_train(cfg, pairs, tiny_model_dir, tmp_path / "clean")
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "clean" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
