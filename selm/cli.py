@@ -258,6 +258,8 @@ def _dispatch(args) -> int:
 
         if args.pairs is None:
             raise InputError("--pairs: required unless --iteration names a stage of a run")
+        if args.seed is not None and args.seed < 0:
+            raise InputError("--seed: must be >= 0")
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
         if not args.pairs.exists():
             raise InputError(f"{args.pairs}: file not found")

@@ -323,6 +323,7 @@ def test_an_output_folder_of_a_different_run_is_refused(generated, tmp_path, cap
     (["sweep", "--alphas", "0,nan"], "--alphas: expected finite numbers >= 0"),
     (["sweep", "--alphas", "-1"], "--alphas: expected finite numbers >= 0"),
     (["demo", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+    (["train", "--pairs", "p.jsonl", "--seed", "-3"], "--seed: must be >= 0"),
 ])
 def test_bad_study_flags(tmp_path, capsys, argv, needle):
     out = tmp_path / "study"
