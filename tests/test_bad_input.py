@@ -325,7 +325,7 @@ def test_an_output_folder_of_a_different_run_is_refused(generated, tmp_path, cap
     (["demo", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
     (["train", "--pairs", "p.jsonl", "--seed", "-3"], "--seed: must be >= 0"),
 ])
-def test_bad_study_flags(tmp_path, capsys, argv, needle):
+def test_bad_command_flags(tmp_path, capsys, argv, needle):
     out = tmp_path / "study"
     expect_error(capsys, argv + ["--output-dir", out], needle)
     assert not out.exists()
