@@ -57,7 +57,7 @@ def files(out: Path) -> dict[str, Path]:
     """The run's record files (weights and metrics are compared with a tolerance, the rest exactly)."""
     keep = (".jsonl", ".json", ".safetensors")
     return {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.suffix in keep
-            and "tb" not in p.parts and p.name not in ("DONE.json", "ref_logps.safetensors")}
+            and "tb" not in p.parts and p.name not in ("DONE.json", "ref_logps.safetensors", "environment.json")}
 
 
 def metrics(p: Path) -> list[dict]:
