@@ -527,6 +527,8 @@ def run_train(
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
         if stop and done < total_steps:
             bar.close()
+            if tb is not None:
+                tb.close()  # flushes this run's events; a resume purges those after its checkpoint
             raise signals.Interrupted(stop)
     stop = signals.pending()  # a signal during the last step: the stage is finished first
     signals.defer(False)
