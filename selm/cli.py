@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from selm.config import Config, TrainConfig, ModelConfig, describe_options, field_docs, load_config
 
 EXIT_INPUT = 2
+DEBUG_HELP = "on an input error, show the traceback as well as the one-line message"
 
 
 def _shared_flags() -> dict[str, argparse.ArgumentParser]:
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selm", description="Online preference alignment with Self-Exploring "
                                      "Language Models (SELM): generate, rank, pair, train, evaluate.")
     parser.add_argument("--version", action="version", version=f"selm {__import__('selm').__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     flags = _shared_flags()
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path)
 
     p = sub.add_parser("options", help="list every config key with its type, default and meaning")
+    for p in sub.choices.values():  # `selm --debug run ...` and `selm run ... --debug` both work
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -150,6 +155,20 @@ def _ints(text: str | None) -> list[int] | None:
         raise InputError(f"--seeds: expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    import math
+
+    from selm.io import InputError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise InputError(f"{flag}: expected finite numbers >= 0, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-shard load/save bars would bury our own stage progress bars.
@@ -162,16 +181,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # Under a multi-process launcher every rank runs this; the main rank speaks for all, the others
     # only about their own errors.
+    from selm import signals
+
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
+    previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
     try:
         return _dispatch(args)
     except InputError as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"selm: error{who}: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print(f"selm: interrupted{who}; re-run the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"selm: stopped by {signal.Signals(signum).name}{who}; re-run the same command to continue "
+              "(finished stages are kept; training resumes from its last checkpoint)", file=sys.stderr)
+        return 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     finally:
+        signals.restore(previous)
         dist.close()
 
 
@@ -209,7 +238,7 @@ def _dispatch(args) -> int:
             path = run_demo(out, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
                             overrides=args.overrides, allow_config_change=args.continue_with_new_config)
         else:
-            path = run_sweep(out, alphas=[float(a) for a in args.alphas.split(",")], seeds=_ints(args.seeds),
+            path = run_sweep(out, alphas=_floats(args.alphas, "--alphas"), seeds=_ints(args.seeds),
                              quick=args.quick, config=args.config, overrides=args.overrides,
                              allow_config_change=args.continue_with_new_config)
         print(f"report: {path}")
@@ -236,6 +265,8 @@ def _dispatch(args) -> int:
 
         if args.pairs is None:
             raise InputError("--pairs: required unless --iteration names a stage of a run")
+        if args.seed is not None and args.seed < 0:
+            raise InputError("--seed: must be >= 0")
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
         if not args.pairs.exists():
             raise InputError(f"{args.pairs}: file not found")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from selm.io import InputError, atomic_write_text
+from selm.io import InputError, atomic_write_text, read_text
 
 
 class ConfigError(InputError):
@@ -86,6 +87,8 @@ def check_sampling(prefix: str, *, num_samples: int, temperature: float, top_p: 
     all are greedy, which needs no temperature)."""
     if num_samples < 0:
         raise ConfigError(f"{prefix}num_samples: must be >= 0")
+    if temperature < 0:
+        raise ConfigError(f"{prefix}temperature: must be >= 0")
     if sampled_by is not None and temperature <= 0:
         raise ConfigError(f"{prefix}temperature: must be > 0 when {sampled_by}")
     if not 0 < top_p <= 1:
@@ -173,6 +176,10 @@ class RankConfig:
             raise ConfigError("rank.batch_size: must be >= 1")
         if self.max_retries < 0:
             raise ConfigError("rank.max_retries: must be >= 0")
+        if self.max_length < 1:
+            raise ConfigError("rank.max_length: must be >= 1")
+        if self.timeout_s <= 0:
+            raise ConfigError("rank.timeout_s: must be > 0")
 
 
 @dataclass
@@ -186,6 +193,9 @@ class PairConfig:
     make cut-off answers the chosen ones. null: no penalty. The pair keeps the ranker's raw scores."""
 
     def __post_init__(self):
+        if self.min_margin < 0:
+            # A negative margin would turn equal scores into "preferences" with no signal.
+            raise ConfigError("pair.min_margin: must be >= 0")
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             raise ConfigError("pair.missing_eos_penalty: must be >= 0 (or null)")
 
@@ -268,10 +278,19 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "ref_batch_size", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1")
-        if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
+        if self.max_prompt_length < 1:
+            raise ConfigError("train.max_prompt_length: must be >= 1")
+        if self.max_length <= self.max_prompt_length:
             raise ConfigError("train.max_length: must be greater than train.max_prompt_length (>= 1)")
         if self.max_grad_norm < 0:
             raise ConfigError("train.max_grad_norm: must be >= 0")
+        if self.weight_decay < 0:
+            raise ConfigError("train.weight_decay: must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be in [0, 1)")
+        if self.save_every_steps < 0:
+            raise ConfigError("train.save_every_steps: must be >= 0 (0: only at the end)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("train.num_threads: must be >= 1 or null")
         if self.report_to == ["none"]:  # TRL's spelling of "no integrations"
@@ -332,6 +351,11 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.bootstrap_samples < 1:
             raise ConfigError("evaluate.bootstrap_samples: must be >= 1")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name}: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("evaluate.temperature: must be >= 0 (0: greedy)")
 
 
 @dataclass
@@ -354,6 +378,10 @@ class Config:
     """The online loop."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluation with a gold judge."""
+
+    def __post_init__(self):
+        if self.seed < 0:
+            raise ConfigError("seed: must be >= 0")
 
     def lr_for_iteration(self, t: int) -> float:
         """Peak learning rate of iteration t (1-based)."""
@@ -416,7 +444,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, a, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: invalid value {value!r}")
     if origin is Literal:
         if value not in args:
@@ -441,14 +469,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "5e-7" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "5e-7" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # No setting means anything with NaN or infinity; such a value would train to NaN or
+        # silently disable a check (every comparison with NaN is false).
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -544,7 +579,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -166,14 +166,20 @@ def prompt_from_row(row: dict, where: str, prompt_field: str = "prompt") -> dict
 
 def load_prompts(path: str | Path, prompt_field: str = "prompt", split: str | None = None,
                  split_key: str = "data.split") -> list[dict]:
-    """Load a prompt set; duplicate prompt ids are kept once (first occurrence). `split` picks one
-    split of a `datasets` folder (`split_key` names the setting, for errors)."""
-    seen, out = set(), []
+    """Load a prompt set; a prompt repeated under the same id is kept once (first occurrence). One id
+    given to two different prompts is refused: results are keyed by id, so one of them would be lost.
+    `split` picks one split of a `datasets` folder (`split_key` names the setting, for errors)."""
+    seen: dict[str, tuple[str, Messages]] = {}
+    out = []
     for where, row in iter_rows(path, split, split_key):
         rec = prompt_from_row(row, where, prompt_field)
-        if rec["prompt_id"] in seen:
+        first = seen.get(rec["prompt_id"])
+        if first is not None:
+            if first[1] != rec["prompt"]:
+                raise InputError(f"{where}: prompt_id {rec['prompt_id']!r} is already used by a different prompt "
+                                 f"at {first[0]}")
             continue
-        seen.add(rec["prompt_id"])
+        seen[rec["prompt_id"]] = (where, rec["prompt"])
         out.append(rec)
     if not out:
         raise InputError(f"{path}: no prompts")

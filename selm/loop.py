@@ -276,6 +276,9 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
         # the stages clean their own folders.
         clean_stale_temporaries(out)
     check_config(cfg, out, allow_config_change)
+    from selm.environment import record_environment
+
+    record_environment(out, config_to_dict(cfg))
     prepare_data(cfg, out)
     evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0
     if evaluate:

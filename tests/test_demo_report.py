@@ -97,3 +97,16 @@ def test_alpha_sweep_report(tmp_path):
     assert "## Alpha sweep" in text and (tmp_path / "sweep" / "plots" / "alpha_sweep.png").is_file()
     for a in ("| 0 |", "| 0.01 |", "| 0.1 |", "| 1 |"):
         assert a in text
+
+
+def test_report_states_model_size_source_task_ranker_and_gold_judge(demo):
+    from transformers import AutoModelForCausalLM
+
+    out, report = demo
+    text = report.read_text()
+    run = out / "selm" / "seed_0"
+    n = AutoModelForCausalLM.from_pretrained(run / "start_model").num_parameters()
+    assert f"- Model: `tiny` ({n:,} parameters, float32), from the built-in tiny Llama" in text
+    assert "- Task: prompts from `tiny_prompts.jsonl` (12 per iteration), evaluated on 8 held-out prompts" in text
+    assert ("- Training ranker: callable `selm.toy_judges:letters_ranker`. Gold judge (evaluation only): callable "
+            "`selm.toy_judges:vowels_gold`.") in text

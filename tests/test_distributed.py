@@ -59,7 +59,7 @@ def files(out: Path) -> dict[str, Path]:
     """The run's record files (weights and metrics are compared with a tolerance, the rest exactly)."""
     keep = (".jsonl", ".json", ".safetensors")
     return {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.suffix in keep
-            and "tb" not in p.parts and p.name not in ("DONE.json", "ref_logps.safetensors")}
+            and "tb" not in p.parts and p.name not in ("DONE.json", "ref_logps.safetensors", "environment.json")}
 
 
 def metrics(p: Path) -> list[dict]:
@@ -106,6 +106,7 @@ def test_torchrun_loop_equals_one_process(one_process, two_processes):
     assert_same_run(one_process, out)
     # The main rank alone reports; the run folder is complete and says so.
     assert proc.stdout.count("run folder:") == 1
+    assert [e["processes"] for e in json.loads((out / "environment.json").read_text())] == [2]
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint"))
     status = run([sys.executable, "-m", "selm.cli", "status", out]).stdout
     assert "run " in status and "done" in status.splitlines()[-1] and "pending" not in status

@@ -47,8 +47,8 @@ def reference_run(tmp_path_factory):
 
 def test_tiny_run_writes_exact_artifacts_and_changes_the_model(reference_run):
     out, _ = reference_run
-    assert sorted(p.name for p in out.iterdir()) == ["DONE.json", "config.yaml", "data", "iter_0", "iter_1", "iter_2",
-                                                     "start_model"]
+    assert sorted(p.name for p in out.iterdir()) == ["DONE.json", "config.yaml", "data", "environment.json", "iter_0",
+                                                     "iter_1", "iter_2", "start_model"]
     assert sorted(p.name for p in (out / "data").iterdir()) == ["DONE.json", "eval.jsonl", "train_1.jsonl",
                                                                 "train_2.jsonl"]
     assert {p.name for p in (out / "iter_0").iterdir()} == {"evaluate"}
@@ -57,6 +57,8 @@ def test_tiny_run_writes_exact_artifacts_and_changes_the_model(reference_run):
         assert {p.name for p in (out / f"iter_{t}").iterdir()} == set(STAGE_FILES)
         for stage, files in STAGE_FILES.items():
             assert {p.name for p in (out / f"iter_{t}" / stage).iterdir()} == files, (t, stage)
+    env = json.loads((out / "environment.json").read_text())  # one entry per start of `selm run`
+    assert len(env) == 1 and env[0]["seed"] == 0 and env[0]["packages"]["torch"] == torch.__version__
     start = load_file(str(out / "start_model" / "model.safetensors"))
     one = load_file(str(out / "iter_1" / "train" / "model" / "model.safetensors"))
     two = load_file(str(out / "iter_2" / "train" / "model" / "model.safetensors"))
@@ -92,7 +94,7 @@ def _snapshot(out: Path) -> dict:
     snap = {}
     for p in sorted(out.rglob("*")):
         rel = str(p.relative_to(out))
-        if p.is_dir() or rel.startswith("start_model") or "/tb/" in rel or p.name in ("DONE.json", "stats.json"):
+        if p.is_dir() or rel.startswith("start_model") or "/tb/" in rel or p.name in ("DONE.json", "stats.json", "environment.json"):
             continue
         if p.suffix == ".safetensors":
             snap[rel] = {k: v.tolist() for k, v in load_file(str(p)).items()}

@@ -29,13 +29,13 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from selm import dist
+from selm import dist, signals
 from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
 from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
@@ -270,6 +270,8 @@ class StepStats:
     tokens: int
     grad_norm: torch.Tensor
     lr: float
+    nonfinite: dict[str, list[int]] = field(default_factory=dict)
+    """Loss term ("dpo", "explore") -> this process's example indices where it was NaN or infinite."""
 
 
 def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micros: list[list[int]], *,
@@ -281,6 +283,7 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
     """
     device = accelerator.device
     sums: dict[str, float] = {}
+    nonfinite: dict[str, list[int]] = {}
     tokens = 0
     for j, idx in enumerate(micros):
         batch = data.collate([data.examples[i] for i in idx], data.pad_id).to(device)
@@ -297,12 +300,56 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
             out = preference_objective(logps, refs, loss=tc.loss, explore=tc.explore, beta=tc.beta, alpha=tc.alpha)
             accelerator.backward(out["loss"].sum() / normaliser)
         _accumulate(sums, out, logps, refs)
+        _find_nonfinite(nonfinite, out, idx)
     grad_norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
     step_lr = scheduler.get_last_lr()[0]  # the rate this step used
-    optimizer.step()
-    scheduler.step()
+    if not nonfinite and _finite(grad_norm):  # never step on NaN/inf (run_train stops; DeepSpeed stepped in backward)
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(sums, sum(len(m) for m in micros), tokens, grad_norm, step_lr)
+    return StepStats(sums, sum(len(m) for m in micros), tokens, grad_norm, step_lr, nonfinite)
+
+
+def _finite(grad_norm) -> bool:
+    # DeepSpeed reports no norm before its first step.
+    return grad_norm is None or math.isfinite(float(grad_norm))
+
+
+def _find_nonfinite(found: dict[str, list[int]], out: dict, idx: list[int]) -> None:
+    """Add the example indices of micro-batch `idx` whose "dpo" or "explore" loss is NaN or infinite."""
+    for term, key in (("dpo", "loss_pair"), ("explore", "loss_explore")):
+        bad = (~torch.isfinite(out[key].detach())).flatten().nonzero().flatten().tolist()
+        if bad:
+            found.setdefault(term, []).extend(idx[i] for i in bad)
+
+
+class TrainingDiverged(InputError):
+    """A loss term or the gradient norm went NaN or infinite: training stops (an input problem: the
+    settings or the data); nothing is saved as done."""
+
+
+def stop_if_nonfinite(stats: StepStats, *, step: int, total_steps: int, stage_dir: Path, pairs_path: Path) -> None:
+    """Raise TrainingDiverged naming the step, the loss term and the pairs when the step was not finite.
+
+    The checkpoint is removed: its weights lie on the diverging path and its schedule carries the old
+    learning rate, so the re-run (after fixing the settings) redoes the stage from its first step."""
+    if not stats.nonfinite and _finite(stats.grad_norm):
+        return
+    grad_norm = float(stats.grad_norm) if stats.grad_norm is not None else None
+    if dist.is_main():
+        shutil.rmtree(stage_dir / CHECKPOINT, ignore_errors=True)
+    if stats.nonfinite:
+        ids = [p.prompt_id for p in load_pairs(pairs_path, need_exploration=False)]
+        what = "; ".join(
+            f"loss/{term} of pairs {rows[:5]}{' ...' if len(rows) > 5 else ''} (0-based rows of {pairs_path}; "
+            f"prompt_ids {', '.join(repr(ids[i]) for i in rows[:5])})"
+            for term, rows in sorted(stats.nonfinite.items()))
+    else:
+        what = "the gradient norm (every loss term was finite)"
+    raise TrainingDiverged(
+        f"{stage_dir}: training stopped at optimizer step {step} of {total_steps}: NaN or infinity in {what}; "
+        f"grad_norm={grad_norm}; the step's metrics are in {stage_dir / PARTIAL}. Nothing was saved; lower "
+        "train.learning_rate or train.beta (or fix those pairs) and re-run: the stage starts over")
 
 
 def all_processes(stats: StepStats) -> StepStats:
@@ -310,9 +357,14 @@ def all_processes(stats: StepStats) -> StepStats:
     logged means are those of the whole step, as one process would log them."""
     if dist.world_size() == 1:
         return stats
-    parts = dist.all_gather((stats.sums, stats.examples, stats.tokens))
+    parts = dist.all_gather((stats.sums, stats.examples, stats.tokens, stats.nonfinite))
     sums = {k: sum(p[0][k] for p in parts) for k in stats.sums}
-    return StepStats(sums, sum(p[1] for p in parts), sum(p[2] for p in parts), stats.grad_norm, stats.lr)
+    nonfinite: dict[str, list[int]] = {}
+    for p in parts:
+        for term, rows in p[3].items():
+            nonfinite.setdefault(term, []).extend(rows)
+    return StepStats(sums, sum(p[1] for p in parts), sum(p[2] for p in parts), stats.grad_norm, stats.lr,
+                     {t: sorted(r) for t, r in nonfinite.items()})
 
 
 def metrics_row(stats: StepStats, *, step: int, total_steps: int, epochs: int, seconds: float, pairs: int) -> dict:
@@ -447,6 +499,7 @@ def run_train(
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
+    signals.defer(world == 1)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
     for step in range(start_step, end):
         t0 = time.perf_counter()
         step_examples = plan.steps[step]
@@ -455,16 +508,30 @@ def run_train(
                            normaliser=len(step_examples) / world, tc=tc)
         bar.update(1)
         done = step + 1
-        if done % tc.logging_steps == 0 or done == total_steps:
+        diverged = bool(stats.nonfinite) or not _finite(stats.grad_norm)
+        if done % tc.logging_steps == 0 or done == total_steps or diverged:
             stats = all_processes(stats)
             if accelerator.is_main_process:
                 row = metrics_row(stats, step=done, total_steps=total_steps, epochs=tc.epochs,
                                   seconds=time.perf_counter() - t0, pairs=len(step_examples))
                 _log_row(stage_dir, loggers, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
-        if tc.save_every_steps and done % tc.save_every_steps == 0 and done < total_steps:
+        if diverged:
+            bar.close()
+            if tb is not None:
+                tb.close()
+            stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
+        stop = signals.pending()
+        if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
             metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
+        if stop and done < total_steps:
+            bar.close()
+            if tb is not None:
+                tb.close()  # flushes this run's events; a resume purges those after its checkpoint
+            raise signals.Interrupted(stop)
+    stop = signals.pending()  # a signal during the last step: the stage is finished first
+    signals.defer(False)
     bar.close()
     for log in loggers:
         log.close()
@@ -474,6 +541,8 @@ def run_train(
     summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
                "seconds": time.perf_counter() - t_start}
     _finish(accelerator, module, tokenizer, stage_dir, summary)
+    if stop:
+        raise signals.Interrupted(stop)
     return summary
 
 

@@ -54,6 +54,7 @@ def collect(out: Path) -> dict:
         rows["curves"] = _curves(out / arm / f"seed_{seeds[0]}", T)
         per_arm[arm] = rows
     data["per_arm"] = per_arm
+    data["setup"] = setup(shared, out / arms[0] / f"seed_{seeds[0]}")
     if "selm" in arms and "dpo" in arms:
         h2h = []
         for t in range(1, T + 1):
@@ -70,6 +71,64 @@ def collect(out: Path) -> dict:
     if ir.is_file():
         data["implicit_rewards"] = read_json(ir)
     return data
+
+
+def _parameters(run: Path) -> int | None:
+    """Parameters of the run's model, read from the shapes in iteration 1's safetensors (no loading)."""
+    from safetensors import safe_open
+
+    files = sorted((run / "iter_1" / "train" / "model").glob("*.safetensors"))
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total or None
+
+
+def _source(name: str, gguf: str | None) -> str:
+    if name == "tiny":
+        return "the built-in tiny Llama, randomly initialised (selm/tiny.py)"
+    if name.startswith("pypi:"):
+        from selm.io import InputError
+        from selm.models import packaged_gguf
+
+        try:  # name the file actually shipped (its name says which model and quantisation)
+            gguf = packaged_gguf(name[5:], gguf).name
+        except InputError:
+            pass
+        return f"a GGUF file{f' ({gguf})' if gguf else ''} shipped in the PyPI package {name[5:]}, converted to safetensors"
+    return f"{name}{f' ({gguf})' if gguf else ''}"
+
+
+def _judge(rc) -> str:
+    what = {"callable": rc.callable, "pairwise": rc.callable, "reward_model": rc.model, "http_judge": rc.judge_model}
+    return f"{rc.kind} `{what.get(rc.kind)}`"
+
+
+def setup(cfg, run: Path) -> dict:
+    """What was aligned, on what, judged by what: the model, its size and source, the task, the
+    training ranker and the gold judge."""
+    split = read_json(run / "data" / "DONE.json") if (run / "data" / "DONE.json").is_file() else {}
+    return {"model": cfg.model.name_or_path, "source": _source(cfg.model.name_or_path, cfg.model.gguf_file),
+            "parameters": _parameters(run), "dtype": cfg.model.dtype,
+            "prompts": cfg.data.prompts, "eval_prompts": cfg.data.eval_prompts or cfg.data.prompts,
+            "train_prompts_per_iteration": split.get("train_slices"), "eval_prompt_count": split.get("eval"),
+            "ranker": _judge(cfg.rank), "gold_judge": _judge(cfg.evaluate.judge)}
+
+
+def _setup_lines(su: dict) -> list[str]:
+    size = f"{su['parameters']:,} parameters" if su["parameters"] else "size unknown"
+    per = su["train_prompts_per_iteration"] or []
+    per = str(per[0]) if len(set(per)) == 1 else ", ".join(map(str, per)) or "?"
+    return ["## Setup", "",
+            f"- Model: `{su['model']}` ({size}, {su['dtype']}), from {su['source']}.",
+            f"- Task: prompts from `{Path(su['prompts']).name}` ({per} per iteration), "
+            f"evaluated on {su['eval_prompt_count']} held-out prompts from `{Path(su['eval_prompts']).name}`.",
+            f"- Training ranker: {su['ranker']}. Gold judge (evaluation only): {su['gold_judge']}.", ""]
 
 
 def _summary(groups: list[list[float]], samples: int) -> dict:
@@ -263,6 +322,7 @@ def build_report(out: Path) -> Path:
              f"{', '.join(map(str, data['seeds']))}; iterations: {T}. Every figure below is computed from the run "
              f"folders under `{out}` (numbers also in `report.json`). Intervals are 95% bootstrap intervals "
              "that resample seeds, then prompts within a seed; ties count half.", ""]
+    lines += _setup_lines(data["setup"])
     lines += ["## Gold win rate vs the start model", "", "| iteration | " + " | ".join(data["arms"]) + " |",
               "|---|" + "---|" * len(data["arms"])]
     for t in range(0, T + 1):
