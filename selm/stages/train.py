@@ -517,24 +517,18 @@ def run_train(
                 _log_row(stage_dir, loggers, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
         if diverged:
-            bar.close()
-            if tb is not None:
-                tb.close()
+            _close(bar, loggers)
             stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
         stop = signals.pending()
         if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
             metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
         if stop and done < total_steps:
-            bar.close()
-            if tb is not None:
-                tb.close()  # flushes this run's events; a resume purges those after its checkpoint
+            _close(bar, loggers)  # flushes this run's events; a resume purges those after its checkpoint
             raise signals.Interrupted(stop)
     stop = signals.pending()  # a signal during the last step: the stage is finished first
     signals.defer(False)
-    bar.close()
-    for log in loggers:
-        log.close()
+    _close(bar, loggers)
     if end < total_steps:
         return {"stopped_at": max_steps}
 
@@ -544,6 +538,12 @@ def run_train(
     if stop:
         raise signals.Interrupted(stop)
     return summary
+
+
+def _close(bar, loggers) -> None:
+    bar.close()
+    for log in loggers:
+        log.close()
 
 
 def _accumulate(sums: dict[str, float], out: dict, logps: dict, refs: dict) -> None:
