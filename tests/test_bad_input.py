@@ -206,7 +206,7 @@ PAIR_FILES = {
     "missing chosen": (jsonl({"prompt": "q", "rejected": "r", "exploration": "e"}), "{path}:1: missing field 'chosen'"),
     "chosen is a number": (jsonl({**PAIR, "chosen": 7}), "{path}:1: field 'chosen': expected a string or an assistant"),
     "no exploration with alpha > 0": (jsonl({k: v for k, v in PAIR.items() if k != "exploration"}),
-                                      "{path}:1: missing field 'exploration' (needed when train.alpha > 0)"),
+                                      "{path}:1: missing field 'exploration' (needed when train.alpha > 0; for DPO pairs without it train with --set train.alpha=0)"),
     "prompt ends with assistant": (jsonl({**PAIR, "prompt": [{"role": "assistant", "content": "x"}]}),
                                    "{path}:1: field 'prompt' ends with an assistant turn"),
     "finished flag not a bool": (jsonl({**PAIR, "finished_chosen": "yes"}),
