@@ -211,18 +211,21 @@ def _save_checkpoint(accelerator, ckpt: Path, module, optimizer, scheduler, step
     """Resume state at optimizer step `step`, built under a temporary name and renamed into place.
 
     One process or DDP: the main process writes model.safetensors (the trainable parameters: every
-    weight, or the LoRA adapters) and trainer_state.pt (optimizer and RNG tensors, read back with
-    weights_only=True). ZeRO-3 / FSDP: every process writes its shards with the engine's own
-    checkpointing (accelerator.save_state) into the same folder."""
+    weight, or the LoRA adapters) and trainer_state.pt (optimizer state and every process's random
+    state, read back with weights_only=True). ZeRO-3 / FSDP: every process writes its shards with the
+    engine's own checkpointing (accelerator.save_state) into the same folder."""
     from safetensors.torch import save_file
 
     folder = AtomicDir(ckpt)
     tmp = Path(dist.broadcast(str(folder.__enter__()) if accelerator.is_main_process else None))
     if _sharded(accelerator):
         accelerator.save_state(str(tmp))
-    elif accelerator.is_main_process:
-        save_file(lora.trainable_state(accelerator.unwrap_model(module).model), str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    else:
+        # Every process's own random state: each drew (LoRA dropout) on its own share of the data.
+        rng = torch.stack(dist.all_gather(torch.get_rng_state()))
+        if accelerator.is_main_process:
+            save_file(lora.trainable_state(accelerator.unwrap_model(module).model), str(tmp / "model.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": rng}, tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "state.json", {"step": step, "metrics_bytes": metrics_bytes,
@@ -246,7 +249,8 @@ def _resume(accelerator, stage_dir: Path, module, optimizer, scheduler) -> int:
                                       ckpt / "model.safetensors")
             state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # never unpickle arbitrary objects
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
+            rng = state["torch_rng"]
+            torch.set_rng_state(rng[accelerator.process_index] if rng.ndim == 2 else rng)
         scheduler.load_state_dict(info["scheduler"])
         start_step, metrics_bytes = int(info["step"]), int(info["metrics_bytes"])
     if accelerator.is_main_process:
@@ -359,6 +363,11 @@ def _finish(accelerator, module, tokenizer, stage_dir: Path, summary: dict, tc: 
     accelerator.wait_for_everyone()
 
 
+def _sharding_launch() -> bool:
+    """Whether the launcher asks for DeepSpeed or FSDP (accelerate reads the same variables)."""
+    return any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP"))
+
+
 def _accelerator(tc: TrainConfig):
     """The engine comes from the launcher (`accelerate launch --config_file configs/accelerate/<engine>.yaml`
     sets it in the environment; plain torchrun gives DDP). DeepSpeed cannot infer its batch sizes
@@ -432,14 +441,15 @@ def run_train(
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     stage_dir = Path(stage_dir)
     _prepare(tc, stage_dir)
+    if tc.lora.enabled and _sharding_launch():
+        # Refused before the process group exists, so every process just exits.
+        raise InputError("train.lora.r: LoRA is not supported under ZeRO-3/FSDP yet; train it in one process or "
+                         "with DDP (torchrun)")
     accelerator = _accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if ref_model_path is not None and _sharded(accelerator):
         raise InputError("--ref-model / train.reference=initial: a separate reference model is not supported under "
                          "ZeRO-3/FSDP yet; train without it (the start model is the reference) or with DDP")
-    if tc.lora.enabled and _sharded(accelerator):
-        raise InputError("train.lora.r: LoRA is not supported under ZeRO-3/FSDP yet; train it in one process or "
-                         "with DDP (torchrun)")
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
 
