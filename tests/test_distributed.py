@@ -124,22 +124,34 @@ def test_zero3_loop_equals_one_process(one_process, tmp_path):
 
 
 def _kill_when(cmd, condition, limit=300) -> bool:
-    """Start a launcher in its own process group and SIGKILL the whole group once `condition()`."""
+    """Start a launcher and SIGKILL it and every process under it once `condition()`. The ranks are
+    killed by id: torchrun starts each worker in a session of its own, out of the launcher's
+    process group."""
+    import psutil
+
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     t0 = time.time()
+
+    def kill_all() -> None:
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
     try:
         while proc.poll() is None and time.time() - t0 < limit:
             if condition():
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_all()
                 return True
             time.sleep(0.02)
         return False
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_all()
 
 
 @pytest.mark.slow

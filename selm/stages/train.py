@@ -249,8 +249,9 @@ def _resume(accelerator, stage_dir: Path, module, optimizer, scheduler) -> int:
                                       ckpt / "model.safetensors")
             state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # never unpickle arbitrary objects
             optimizer.load_state_dict(state["optimizer"])
-            rng = state["torch_rng"]
-            torch.set_rng_state(rng[accelerator.process_index] if rng.ndim == 2 else rng)
+            rng = state["torch_rng"]  # (processes, state bytes)
+            # A copy: set_rng_state reads a row view (storage offset > 0) wrongly and crashes.
+            torch.set_rng_state(rng[accelerator.process_index].clone())
         scheduler.load_state_dict(info["scheduler"])
         start_step, metrics_bytes = int(info["step"]), int(info["metrics_bytes"])
     if accelerator.is_main_process:
