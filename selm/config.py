@@ -183,7 +183,7 @@ class LoraConfig:
     r: int = 0
     """LoRA rank; 0 trains every weight (no LoRA). > 0: only low-rank adapters of this rank are trained
     (needs peft: pip install 'selm[lora]'), and each iteration's adapters are merged into a full
-    model folder at the end of training."""
+    model folder at the end of training. One process or DDP (not yet ZeRO-3/FSDP)."""
     alpha: float = 16.0
     """LoRA scaling numerator: the adapter's update is multiplied by alpha / r (peft's lora_alpha; not
     the optimism coefficient train.alpha)."""
