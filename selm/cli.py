@@ -45,17 +45,23 @@ def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentP
     return p
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str) -> None:
-    """One --flag per field of a config section, documented from the field docstrings."""
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, flag_prefix: str = "") -> None:
+    """One --flag per field of a config section, documented from the field docstrings; a nested
+    section (train.lora) gets its own group of prefixed flags (--lora-r)."""
+    from selm.config import _type_name
+
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     default = cls()
-    group = p.add_argument_group(f"{section}.* options (also settable as --set {section}.KEY=VALUE)")
+    dotted = section.replace("__", ".")
+    group = p.add_argument_group(f"{dotted}.* options (also settable as --set {dotted}.KEY=VALUE)")
     for f in dataclasses.fields(cls):
-        flag = f"--{f.name.replace('_', '-')}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            _add_dataclass_flags(p, hints[f.name], f"{section}__{f.name}", f"{flag_prefix}{f.name}-")
+            continue
+        flag = f"--{flag_prefix}{f.name.replace('_', '-')}"
         if section == "model":
             flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
-        from selm.config import _type_name
 
         group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
                            if len(_type_name(hints[f.name])) < 24 else "VALUE",
@@ -66,8 +72,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     for k, v in vars(args).items():
         if "__" in k and v is not None:
-            section, name = k.split("__", 1)
-            out.append(f"{section}.{name}={v}")
+            out.append(f"{k.replace('__', '.')}={v}")
     return out
 
 

@@ -204,6 +204,40 @@ REPORT_TO = ("tensorboard", "wandb")
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 trains every weight (no LoRA). > 0: only low-rank adapters of this rank are trained
+    (needs peft: pip install 'selm[lora]'), and each iteration's adapters are merged into a full
+    model folder at the end of training. One process or DDP (not yet ZeRO-3/FSDP)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is multiplied by alpha / r (peft's lora_alpha; not
+    the optimism coefficient train.alpha)."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input during training (peft's lora_dropout)."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Which layers get adapters, as peft reads it: "all-linear" (every linear layer but the output
+    head), a list of module-name suffixes (e.g. [q_proj, v_proj]), or one regular expression that the
+    full module name must match."""
+    keep_adapter: bool = False
+    """Also save the trained adapters as a peft folder (train stage folder/adapter/) next to the merged
+    model/."""
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError("train.lora.r: must be >= 0 (0: no LoRA)")
+        if not self.alpha > 0:
+            raise ConfigError("train.lora.alpha: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("train.lora.dropout: must be in [0, 1)")
+        if not self.target_modules or (isinstance(self.target_modules, list) and not all(self.target_modules)):
+            raise ConfigError("train.lora.target_modules: must name at least one module (or be 'all-linear')")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass
 class TrainConfig:
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """Pairwise preference loss: "sigmoid" (DPO, Bradley-Terry; the paper) or "ipo"."""
@@ -265,6 +299,13 @@ class TrainConfig:
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
     VM for small models (see README)."""
+    reference: Literal["previous", "initial"] = "previous"
+    """The loop's reference model from iteration 2 on: "previous" = the iteration's start model, i.e.
+    the previous iterate (SELM); "initial" = the start model of the whole run, fixed for every
+    iteration (RLHFlow's online DPO). Iteration 1 has the start model either way; `selm train
+    --pairs` takes --ref-model instead."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (off unless train.lora.r > 0)."""
 
     def __post_init__(self):
         if self.alpha < 0:

@@ -108,7 +108,7 @@ def start_model_path(cfg: Config, out: Path) -> Path:
 
 
 def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
-    """The model that starts iteration t (and is its reference): iteration t-1's output."""
+    """The model that starts iteration t (and, by default, is its reference): iteration t-1's output."""
     if t == 1:
         return start_model_path(cfg, out)
     prev = stage_dir(out, t - 1, "train")
@@ -179,6 +179,14 @@ def _pair(cfg: Config, out: Path, t: int, sd: Path) -> None:
                          f"({stats['ties_dropped']} ties); lower pair.min_margin or add candidates")
 
 
+def reference_for_iteration(cfg: Config, out: Path, t: int) -> Path | None:
+    """Iteration t's reference model when it is not the model that starts the iteration (None):
+    the run's start model from iteration 2 on, with train.reference "initial"."""
+    if cfg.train.reference == "initial" and t >= 2:
+        return start_model_path(cfg, out)
+    return None
+
+
 def _train(cfg: Config, out: Path, t: int, sd: Path) -> None:
     from selm.stages.train import run_train
 
@@ -186,7 +194,8 @@ def _train(cfg: Config, out: Path, t: int, sd: Path) -> None:
     # cache key and DONE.json all record the alpha it trained with.
     cfg_t = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, alpha=cfg.alpha_for_iteration(t)))
     run_train(cfg_t, stage_dir(out, t, "pair") / "pairs.jsonl", model_for_iteration(cfg, out, t), sd,
-              learning_rate=cfg.lr_for_iteration(t), seed=_seed(cfg, t))
+              ref_model_path=reference_for_iteration(cfg, out, t), learning_rate=cfg.lr_for_iteration(t),
+              seed=_seed(cfg, t))
 
 
 class Stage(NamedTuple):

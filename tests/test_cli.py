@@ -18,7 +18,7 @@ def test_train_help_documents_every_train_and_model_option(capsys):
     for key, _, _, doc in describe_options():
         section, name = key.split(".", 1) if "." in key else ("", key)
         if section == "train":
-            assert f"--{name.replace('_', '-')}" in text, name
+            assert f"--{name.replace('_', '-').replace('.', '-')}" in text, name  # train.lora.r: --lora-r
             assert doc.split()[0] in text
     for flag in ("--pairs", "--ref-model", "--output-dir", "--model", "--set"):
         assert flag in text
@@ -39,6 +39,18 @@ def test_train_command_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir, ca
     assert model.config.vocab_size == len(tok)
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "alpha: 0.001" in saved and "learning_rate: 0.001" in saved
+
+
+def test_nested_lora_keys_are_flags_of_train(tmp_path, tiny_model_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "good", "rejected": "bad", "exploration": "meh"})
+                             + "\n" for i in range(4)))
+    rc = main(["train", "--pairs", str(pairs), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"),
+               "--lora-r", "2", "--lora-target-modules", "[q_proj, v_proj]", "--lora-keep-adapter", "true",
+               "--set", "train.tensorboard=false"])
+    assert rc == 0
+    adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
 
 
 @pytest.mark.parametrize("argv,message", [

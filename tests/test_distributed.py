@@ -127,22 +127,34 @@ def test_zero3_loop_equals_one_process(one_process, tmp_path):
 
 
 def _kill_when(cmd, condition, limit=300) -> bool:
-    """Start a launcher in its own process group and SIGKILL the whole group once `condition()`."""
+    """Start a launcher and SIGKILL it and every process under it once `condition()`. The ranks are
+    killed by id: torchrun starts each worker in a session of its own, out of the launcher's
+    process group."""
+    import psutil
+
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     t0 = time.time()
+
+    def kill_all() -> None:
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
     try:
         while proc.poll() is None and time.time() - t0 < limit:
             if condition():
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_all()
                 return True
             time.sleep(0.02)
         return False
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_all()
 
 
 @pytest.mark.slow
@@ -206,3 +218,37 @@ def test_fsdp2_training_equals_one_process(one_process, tmp_path):
     a, b = load_file(tmp_path / "one" / "model" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
     for k in a:
         assert_close(a[k], b[k].to(a[k].dtype).cpu(), atol=1e-4, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_killed_mid_training_resumes_to_the_same_result(tmp_path):
+    from selm.io import atomic_write_jsonl
+    from test_train import PAIRS
+
+    pairs = tmp_path / "pairs.jsonl"
+    atomic_write_jsonl(pairs, PAIRS)
+    # Dropout on: each process's own random stream must come back on resume.
+    args = ["train", "--pairs", pairs, "--set", "train.batch_size=2", "--set", "train.epochs=3",
+            "--set", "train.save_every_steps=1", "--set", "train.learning_rate=5e-3", "--set", "train.lora.r=4",
+            "--set", "train.lora.dropout=0.2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(torchrun(*args, "--output-dir", full))
+    assert _kill_when(torchrun(*args, "--output-dir", killed), lambda: (killed / "checkpoint" / "state.json").is_file())
+    assert not (killed / "DONE.json").exists()
+    run(torchrun(*args, "--output-dir", killed))
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    for k in a:
+        assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert metrics(full / "metrics.jsonl") == metrics(killed / "metrics.jsonl")
+    assert json.loads((full / "DONE.json").read_text())["trainable_parameters"] == 8192  # r=4 adapters only
+
+
+def test_lora_under_zero3_is_refused_with_a_clear_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "exploration": "d"}) + "\n")
+    # What `accelerate launch --config_file configs/accelerate/zero3.yaml` sets for each process.
+    proc = subprocess.run([sys.executable, "-m", "selm.cli", "train", "--pairs", pairs, "--output-dir", tmp_path / "z",
+                           "--set", "train.lora.r=4"], env={**env(), "ACCELERATE_USE_DEEPSPEED": "true"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "train.lora.r: LoRA is not supported under ZeRO-3/FSDP" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "z" / "DONE.json").exists()

@@ -226,3 +226,37 @@ def test_per_iteration_alphas_reach_training(tmp_path):
         assert f"alpha: {alpha}" in (sd / "config.yaml").read_text()
         explore = [json.loads(l)["loss/explore"] for l in (sd / "metrics.jsonl").read_text().splitlines()]
         assert (all(e == 0 for e in explore) if alpha == 0 else any(e != 0 for e in explore)), (t, explore)
+
+
+def _logps(run: Path, model: Path, dest: Path) -> dict:
+    """Log-probs of `model` on iteration 2's pairs, scored as the run's training stage scores them."""
+    from selm.config import load_config
+    from selm.stages.train import run_train
+
+    run_train(load_config(run / "config.yaml"), run / "iter_2" / "pair" / "pairs.jsonl", model, dest, max_steps=0)
+    return load_file(str(dest / "ref_logps.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_previous_is_the_previous_iterate(reference_run, tmp_path):
+    out, _ = reference_run  # train.reference defaults to "previous"
+    cached = load_file(str(out / "iter_2" / "train" / "ref_logps.safetensors"))
+    assert _same(cached, _logps(out, out / "iter_1" / "train" / "model", tmp_path / "one"))
+    assert not _same(cached, _logps(out, out / "start_model", tmp_path / "start"))
+
+
+def test_reference_initial_is_the_start_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(TINY), "--output-dir", str(out), "--set", "train.reference=initial",
+                 "--set", "evaluate.enabled=false"]) == 0
+    cached = load_file(str(out / "iter_2" / "train" / "ref_logps.safetensors"))
+    start = _logps(out, out / "start_model", tmp_path / "start")
+    one = _logps(out, out / "iter_1" / "train" / "model", tmp_path / "one")
+    assert _same(cached, start) and not _same(cached, one)
+    # Iteration 2 still starts from iteration 1's model: its first step's policy is not the reference.
+    row = json.loads((out / "iter_2" / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(row["loss/dpo"] - 0.6931) > 1e-3

@@ -19,6 +19,10 @@ examples; the loss is normalised by the step's GLOBAL example count per process,
 gradients match a single process. The engines differ only in how accelerate wraps the model and in
 what is saved: every engine writes one consolidated safetensors folder at the end; resume state is
 a full-state checkpoint (one process, DDP) or the engine's own shards (ZeRO-3, FSDP).
+
+With train.lora.r > 0 (one process or DDP) the same loop trains LoRA adapters only (selm/lora.py):
+the model is wrapped before the optimizer is built, checkpoints hold the adapters and their
+optimizer state, and the adapters are merged into the saved model folder at the end.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from selm import dist, signals
+from selm import dist, lora, signals
 from selm.config import Config, TrainConfig, save_config
 from selm.data import load_pairs
 from selm.io import (AtomicDir, InputError, atomic_write_bytes, atomic_write_json, clean_stale_temporaries, mark_done,
@@ -206,18 +210,22 @@ def _sharded(accelerator) -> bool:
 def _save_checkpoint(accelerator, ckpt: Path, module, optimizer, scheduler, step: int, metrics_bytes: int) -> None:
     """Resume state at optimizer step `step`, built under a temporary name and renamed into place.
 
-    One process or DDP: the main process writes model.safetensors and trainer_state.pt (optimizer and
-    schedule tensors, read back with weights_only=True). ZeRO-3 / FSDP: every process writes its
-    shards with the engine's own checkpointing (accelerator.save_state) into the same folder."""
-    from safetensors.torch import save_model
+    One process or DDP: the main process writes model.safetensors (the trainable parameters: every
+    weight, or the LoRA adapters) and trainer_state.pt (optimizer state and every process's random
+    state, read back with weights_only=True). ZeRO-3 / FSDP: every process writes its shards with the
+    engine's own checkpointing (accelerator.save_state) into the same folder."""
+    from safetensors.torch import save_file
 
     folder = AtomicDir(ckpt)
     tmp = Path(dist.broadcast(str(folder.__enter__()) if accelerator.is_main_process else None))
     if _sharded(accelerator):
         accelerator.save_state(str(tmp))
-    elif accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(module).model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    else:
+        # Every process's own random state: each drew (LoRA dropout) on its own share of the data.
+        rng = torch.stack(dist.all_gather(torch.get_rng_state()))
+        if accelerator.is_main_process:
+            save_file(lora.trainable_state(accelerator.unwrap_model(module).model), str(tmp / "model.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": rng}, tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "state.json", {"step": step, "metrics_bytes": metrics_bytes,
@@ -229,7 +237,7 @@ def _save_checkpoint(accelerator, ckpt: Path, module, optimizer, scheduler, step
 def _resume(accelerator, stage_dir: Path, module, optimizer, scheduler) -> int:
     """Load stage_dir/checkpoint into model, optimizer, schedule and RNG if there is one; return the
     step to start from (0 without one)."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     ckpt, start_step, metrics_bytes = stage_dir / CHECKPOINT, 0, 0
     if ckpt.is_dir() and (ckpt / "state.json").is_file():
@@ -237,10 +245,13 @@ def _resume(accelerator, stage_dir: Path, module, optimizer, scheduler) -> int:
         if _sharded(accelerator):
             accelerator.load_state(str(ckpt))
         else:
-            load_model(accelerator.unwrap_model(module).model, str(ckpt / "model.safetensors"))
+            lora.load_trainable_state(accelerator.unwrap_model(module).model, load_file(str(ckpt / "model.safetensors")),
+                                      ckpt / "model.safetensors")
             state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # never unpickle arbitrary objects
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
+            rng = state["torch_rng"]  # (processes, state bytes)
+            # A copy: set_rng_state reads a row view (storage offset > 0) wrongly and crashes.
+            torch.set_rng_state(rng[accelerator.process_index].clone())
         scheduler.load_state_dict(info["scheduler"])
         start_step, metrics_bytes = int(info["step"]), int(info["metrics_bytes"])
     if accelerator.is_main_process:
@@ -386,16 +397,28 @@ def _log_row(stage_dir: Path, loggers: list, row: dict) -> None:
         log.log(scalars, row["step"])
 
 
-def _finish(accelerator, module, tokenizer, stage_dir: Path, summary: dict) -> None:
-    """The model folder (every process takes part in gathering it), then the main process moves
-    metrics.jsonl into place, drops the checkpoint, and writes DONE.json last, so a folder with
-    DONE.json is complete; every process waits for that."""
-    _save_hf(accelerator, module, tokenizer, stage_dir / "model")
+def _finish(accelerator, module, tokenizer, stage_dir: Path, summary: dict, tc: TrainConfig) -> None:
+    """The model folder (every process takes part in gathering it; LoRA: the main process merges the
+    adapters into it, after writing adapter/ if asked), then the main process moves metrics.jsonl
+    into place, drops the checkpoint, and writes DONE.json last, so a folder with DONE.json is
+    complete; every process waits for that."""
+    if tc.lora.enabled:
+        if accelerator.is_main_process:
+            lora.save_merged(accelerator.unwrap_model(module).model, tokenizer, stage_dir / "model",
+                             stage_dir / "adapter" if tc.lora.keep_adapter else None)
+        accelerator.wait_for_everyone()
+    else:
+        _save_hf(accelerator, module, tokenizer, stage_dir / "model")
     if accelerator.is_main_process:
         os.replace(stage_dir / PARTIAL, stage_dir / METRICS)
         shutil.rmtree(stage_dir / CHECKPOINT, ignore_errors=True)
         mark_done(stage_dir, summary)  # last: everything above is in place
     accelerator.wait_for_everyone()
+
+
+def _sharding_launch() -> bool:
+    """Whether the launcher asks for DeepSpeed or FSDP (accelerate reads the same variables)."""
+    return any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP"))
 
 
 def _accelerator(tc: TrainConfig):
@@ -443,6 +466,8 @@ def _load_inputs(pairs_path: Path, model_path: Path, cfg: Config, device):
     model.config.use_cache = False
     if tc.gradient_checkpointing:
         enable_checkpointing(model)
+    if tc.lora.enabled:
+        model = lora.wrap(model, tc.lora, checkpointing=tc.gradient_checkpointing)  # before the optimizer, which then holds the adapters only
     return tokenizer, examples, model
 
 
@@ -459,7 +484,7 @@ def run_train(
 ) -> dict:
     """Train one epoch set of cfg.train on `pairs_path`, starting from (and, unless `ref_model_path`
     is given, referenced to) `model_path`. Writes stage_dir/{model/, metrics.jsonl, tb/, config.yaml,
-    ref_logps.safetensors, DONE.json}. Resumes from stage_dir/checkpoint if present.
+    ref_logps.safetensors, DONE.json} (and adapter/ with train.lora.keep_adapter). Resumes from stage_dir/checkpoint if present.
     `max_steps` stops early (for tests that simulate a crash)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -469,11 +494,15 @@ def run_train(
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     stage_dir = Path(stage_dir)
     _prepare(tc, stage_dir)
+    if tc.lora.enabled and _sharding_launch():
+        # Refused before the process group exists, so every process just exits.
+        raise InputError("train.lora.r: LoRA is not supported under ZeRO-3/FSDP yet; train it in one process or "
+                         "with DDP (torchrun)")
     accelerator = _accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if ref_model_path is not None and _sharded(accelerator):
-        raise InputError("--ref-model: a separate reference model is not supported under ZeRO-3/FSDP yet; "
-                         "train without it (the start model is the reference) or with DDP")
+        raise InputError("--ref-model / train.reference=initial: a separate reference model is not supported under "
+                         "ZeRO-3/FSDP yet; train without it (the start model is the reference) or with DDP")
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
 
@@ -533,8 +562,10 @@ def run_train(
         return {"stopped_at": max_steps}
 
     summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
+               "trainable_parameters": sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: the whole size
+                                               for p in model.parameters() if p.requires_grad),
                "seconds": time.perf_counter() - t_start}
-    _finish(accelerator, module, tokenizer, stage_dir, summary)
+    _finish(accelerator, module, tokenizer, stage_dir, summary, tc)
     if stop:
         raise signals.Interrupted(stop)
     return summary
