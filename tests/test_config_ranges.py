@@ -16,7 +16,7 @@ ZERO_OK = {
     "generate.temperature": ["generate.num_samples=0"], "rank.max_retries": [], "evaluate.judge.max_retries": [],
     "pair.min_margin": [], "pair.missing_eos_penalty": [], "train.alpha": [], "train.warmup_ratio": [],
     "train.weight_decay": [], "train.adam_beta1": [], "train.adam_beta2": [], "train.max_grad_norm": [],
-    "train.save_every_steps": [], "evaluate.temperature": [],
+    "train.save_every_steps": [], "evaluate.temperature": [], "train.lora.r": [], "train.lora.dropout": [],
 }
 
 
