@@ -446,7 +446,11 @@ def _accelerator(tc: TrainConfig):
 
 def _prepare(tc: TrainConfig, stage_dir: Path) -> None:
     """Process settings (threads, returning freed memory to the OS) and the stage folder, cleared of
-    temporaries a killed run left."""
+    temporaries a killed run left; LoRA under a sharding launch is refused first."""
+    if tc.lora.enabled and _sharding_launch():
+        # Refused before the process group exists, so every process just exits.
+        raise InputError("train.lora.r: LoRA is not supported under ZeRO-3/FSDP yet; train it in one process or "
+                         "with DDP (torchrun)")
     set_threads(tc.num_threads)
     if tc.release_memory:
         return_freed_memory_to_os()
@@ -486,7 +490,6 @@ def run_train(
     is given, referenced to) `model_path`. Writes stage_dir/{model/, metrics.jsonl, tb/, config.yaml,
     ref_logps.safetensors, DONE.json} (and adapter/ with train.lora.keep_adapter). Resumes from stage_dir/checkpoint if present.
     `max_steps` stops early (for tests that simulate a crash)."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -494,10 +497,6 @@ def run_train(
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     stage_dir = Path(stage_dir)
     _prepare(tc, stage_dir)
-    if tc.lora.enabled and _sharding_launch():
-        # Refused before the process group exists, so every process just exits.
-        raise InputError("train.lora.r: LoRA is not supported under ZeRO-3/FSDP yet; train it in one process or "
-                         "with DDP (torchrun)")
     accelerator = _accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if ref_model_path is not None and _sharded(accelerator):
@@ -512,14 +511,8 @@ def run_train(
     module, optimizer = accelerator.prepare(ResponseLogps(model), build_optimizer(model, tc, lr, device))
     # On the wrapped optimizer: ZeRO-3 regroups the parameters into its own flat partitions.
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    collate, pad_id = COLLATORS[tc.layout], tokenizer.pad_token_id
-    # Once, before training (after wrapping: under ZeRO-3 only the engine can run a forward); by
-    # default the start model's own log-probs, before its first update.
-    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
-    ref = _reference_cache(stage_dir / REF_CACHE, key, examples, tc.ref_batch_size, lambda idx, nb: reference_logps(
-        module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device, indices=idx,
-        num_batches=nb))
-    data = TrainData(examples, ref, collate, pad_id)
+    data = _train_data(module, examples, tokenizer.pad_token_id, cfg, pairs_path, model_path, ref_model_path,
+                       stage_dir, device)
     if accelerator.is_main_process:
         save_config(cfg, stage_dir / "config.yaml")
     start_step = _resume(accelerator, stage_dir, module, optimizer, scheduler)
@@ -541,10 +534,8 @@ def run_train(
         if done % tc.logging_steps == 0 or done == total_steps or diverged:
             stats = all_processes(stats)
             if accelerator.is_main_process:
-                row = metrics_row(stats, step=done, total_steps=total_steps, epochs=tc.epochs,
-                                  seconds=time.perf_counter() - t0, pairs=len(step_examples))
-                _log_row(stage_dir, loggers, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
+                _log_step(stage_dir, loggers, bar, stats, step=done, total_steps=total_steps, epochs=tc.epochs,
+                          seconds=time.perf_counter() - t0, pairs=len(step_examples))
         if diverged:
             _close(bar, loggers)
             stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
@@ -561,14 +552,39 @@ def run_train(
     if end < total_steps:
         return {"stopped_at": max_steps}
 
-    summary = {"steps": total_steps, "pairs": len(examples), "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
-               "trainable_parameters": sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: the whole size
-                                               for p in model.parameters() if p.requires_grad),
-               "seconds": time.perf_counter() - t_start}
+    summary = _summary(model, tc, total_steps, len(examples), lr, t_start)
     _finish(accelerator, module, tokenizer, stage_dir, summary, tc)
     if stop:
         raise signals.Interrupted(stop)
     return summary
+
+
+def _train_data(module, examples: list[TokenizedExample], pad_id: int, cfg: Config, pairs_path: Path,
+                model_path: Path, ref_model_path: Path | None, stage_dir: Path, device) -> TrainData:
+    """The examples with their reference log-probs: computed once, before training (after wrapping:
+    under ZeRO-3 only the engine can run a forward), by default the start model's own, before its
+    first update; cached in the stage folder under a key of everything they depend on."""
+    collate, tc = COLLATORS[cfg.train.layout], cfg.train
+    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
+    ref = _reference_cache(stage_dir / REF_CACHE, key, examples, tc.ref_batch_size, lambda idx, nb: reference_logps(
+        module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device, indices=idx,
+        num_batches=nb))
+    return TrainData(examples, ref, collate, pad_id)
+
+
+def _log_step(stage_dir: Path, loggers: list, bar, stats: StepStats, **row_fields) -> None:
+    """Write one metrics row (all processes' statistics) and show its loss and margin on the bar."""
+    row = metrics_row(stats, **row_fields)
+    _log_row(stage_dir, loggers, row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3g}")
+
+
+def _summary(model, tc: TrainConfig, total_steps: int, pairs: int, lr: float, t_start: float) -> dict:
+    """What DONE.json records about the training."""
+    trainable = sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: the whole size, not this rank's part
+                    for p in model.parameters() if p.requires_grad)
+    return {"steps": total_steps, "pairs": pairs, "learning_rate": lr, "alpha": tc.alpha, "beta": tc.beta,
+            "trainable_parameters": trainable, "seconds": time.perf_counter() - t_start}
 
 
 def _close(bar, loggers) -> None:
