@@ -201,3 +201,53 @@ def test_tiny_loop_runs_with_vllm(model_dir, tmp_path):
     metrics = json.loads((out / "iter_1" / "evaluate" / "metrics.json").read_text())
     assert metrics["prompts"] == len(ev) == cfg.data.eval_size
     assert metrics["cut_off_fraction"] == pytest.approx(sum(not r["finished"] for r in ev) / len(ev))
+
+
+def test_ranks_shard_prompts_and_merge_to_the_one_process_result(monkeypatch, tiny_model_dir):
+    """Without an engine: a stand-in for run_engine that answers each request from its seed shows
+    that under 2 ranks each rank sends its own share of the prompts, with the seeds of their
+    positions in the full list, and that the gathered result is the one-process result."""
+    from selm import dist
+    from selm.engines import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    sent = {}
+
+    def fake_engine(spec, jobs, seconds=None):
+        (rows, reqs), = jobs
+        sent[dist.rank()] = (len(rows), spec["max_model_len"])
+        # A length from the seed (greedy rows: from the prompt length); a 5-token cap marks "length".
+        out = []
+        for ids, r in zip(rows, reqs):
+            n = (r["seed"] % 7) if r["seed"] is not None else len(ids) % 7
+            out.append(([65 + n] * n + [2], "stop") if n < 5 else ([65] * 5, "length"))
+        return [out]
+
+    monkeypatch.setattr(vllm_backend, "run_engine", fake_engine)
+    gen = vllm_backend.VLLMGenerator(tiny_model_dir, dtype="float32")
+    gen.stop_ids = [2]
+    params = SamplingParams(num_samples=2, temperature=1.0, max_new_tokens=5, include_greedy=True, seed=7)
+    one = gen.generate(PROMPTS[:5], params)
+    assert [len(o) for o in one] == [3] * 5
+    assert {s.finished for o in one for s in o} == {True, False}
+    assert all(s.num_tokens == 5 for o in one for s in o if not s.finished)
+
+    class Gathered(Exception):
+        pass
+
+    def record(obj):
+        parts[dist.rank()] = obj
+        raise Gathered
+
+    parts = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "all_gather", record)
+    for r in (0, 1):  # each rank's own share, as it enters the gather
+        monkeypatch.setenv("RANK", str(r))
+        with pytest.raises(Gathered):
+            gen.generate(PROMPTS[:5], params)
+    assert sorted(parts[0]) == [0, 2, 4] and sorted(parts[1]) == [1, 3]
+    monkeypatch.setattr(dist, "all_gather", lambda obj: [obj, parts[1]])
+    monkeypatch.setenv("RANK", "0")
+    assert gen.generate(PROMPTS[:5], params) == one
+    assert sent[0][0] == 3 * 3 and sent[1][0] == 2 * 3  # prompts 0, 2, 4 and 1, 3; 3 rows each

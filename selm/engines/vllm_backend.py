@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -120,18 +121,21 @@ def _engine_main(conn, spec: dict, jobs: list[tuple[list[list[int]], list[dict]]
             # random generator, which the CPU generator cannot do (RuntimeError: CPU Generator does
             # not use offset); whole prompts per step avoid it.
             kwargs["enable_chunked_prefill"] = False
+        t0 = time.perf_counter()
         llm = LLM(**kwargs)
-        results = []
+        results, seconds = [], [time.perf_counter() - t0]
         for prompts, requests in jobs:
+            t0 = time.perf_counter()
             params = [SamplingParams(n=1, temperature=r["temperature"], top_p=r["top_p"], max_tokens=r["max_tokens"],
                                      seed=r["seed"], stop_token_ids=spec["stop_ids"], ignore_eos=True,
                                      detokenize=False, skip_special_tokens=False) for r in requests]
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=spec["progress"])
             results.append([(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs])
+            seconds.append(time.perf_counter() - t0)
         # Shut the engine down before this process ends: left to vLLM's exit hooks, its helper
         # processes and threads can keep the process from ending.
         llm.llm_engine.engine_core.shutdown()
-        conn.send(("ok", results))
+        conn.send(("ok", results, seconds))
     except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent, which re-raises
         kind = "input" if isinstance(e, InputError) else "error"
         conn.send((kind, f"{type(e).__name__}: {e}", traceback.format_exc()))
@@ -139,9 +143,11 @@ def _engine_main(conn, spec: dict, jobs: list[tuple[list[list[int]], list[dict]]
         conn.close()
 
 
-def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]]) -> list[list[tuple[list[int], str]]]:
+def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]],
+               seconds: list[float] | None = None) -> list[list[tuple[list[int], str]]]:
     """Run `jobs` in one engine, in a freshly spawned process; returns per job and row the generated
-    ids and vLLM's finish reason ("stop" or "length"). Errors in the engine are raised here."""
+    ids and vLLM's finish reason ("stop" or "length"). Errors in the engine are raised here.
+    `seconds`, if given, receives the engine's start time and then each job's wall time."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -156,6 +162,8 @@ def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]]) -> li
     finally:
         proc.join()
     if reply[0] == "ok":
+        if seconds is not None:
+            seconds.extend(reply[2])
         return reply[1]
     if reply[0] == "input":
         raise InputError(reply[1].split(": ", 1)[1])
