@@ -166,6 +166,10 @@ def test_generate_and_evaluate_stages_write_what_hf_writes(model_dir, tmp_path):
                           **_stage_files(d / "evaluate", ["generations.jsonl", "metrics.json"])}
         assert (d / "generate" / "DONE.json").exists() and (d / "evaluate" / "DONE.json").exists()
     assert files["vllm"] == files["hf"]
+    # Each engine's process has ended with its stage.
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
     assert 0 < stats["truncated_fraction"] < 1
 
 
@@ -251,3 +255,18 @@ def test_ranks_shard_prompts_and_merge_to_the_one_process_result(monkeypatch, ti
     monkeypatch.setenv("RANK", "0")
     assert gen.generate(PROMPTS[:5], params) == one
     assert sent[0][0] == 3 * 3 and sent[1][0] == 2 * 3  # prompts 0, 2, 4 and 1, 3; 3 rows each
+
+
+def test_each_rank_takes_its_own_gpus(monkeypatch):
+    from selm.engines.vllm_backend import _gpus_for_rank
+
+    assert _gpus_for_rank(2) is None  # one process: vLLM picks its own
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    for local, want in ((0, "0,1"), (1, "2,3"), (3, "6,7")):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        assert _gpus_for_rank(2) == want
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(InputError, match="generate.tensor_parallel_size: 2 GPUs per process for local rank 1"):
+        _gpus_for_rank(2)

@@ -157,8 +157,9 @@ def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]],
     child.close()
     try:
         reply = parent.recv()  # before join: a large reply would otherwise block the pipe
-    except EOFError:
-        reply = ("error", f"the vLLM engine process died (exit code {proc.join() or proc.exitcode})", "")
+    except EOFError:  # it died without a word (killed, out of memory)
+        proc.join()
+        reply = ("error", f"the vLLM engine process died (exit code {proc.exitcode})", "")
     finally:
         proc.join()
     if reply[0] == "ok":
