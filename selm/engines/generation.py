@@ -16,7 +16,7 @@ size, batch composition or on how many other samples were asked for (up to float
 batched forward), and asking for k+1 samples returns the same first k.
 
 A backend is anything with `generate(prompts, params, progress) -> list[list[Sample]]`
-(`Generator`); `build_generator` picks one by name so that, e.g., a vLLM backend can slot in.
+(`Generator`); `build_generator` picks one by name ("hf" here, "vllm" in vllm_backend.py).
 """
 
 from __future__ import annotations
@@ -353,14 +353,24 @@ class HFGenerator:
         return [results[i] for i in range(len(encoded))]
 
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 
 
 def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
-                    batch_size: int, device: str | None = None) -> Generator:
-    """Load a model folder into a generation backend. device: None picks CUDA when available."""
-    if backend != "hf":
+                    batch_size: int, device: str | None = None, tensor_parallel_size: int = 1,
+                    gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> Generator:
+    """A generation backend over a model folder. "hf" loads the model here (device: None picks CUDA
+    when available; batch_size prompts per batch); "vllm" starts an engine on the folder for each
+    `generate` call (selm/engines/vllm_backend.py; tensor_parallel_size, gpu_memory_utilization,
+    enforce_eager)."""
+    if backend not in BACKENDS:
         raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from selm.engines.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                             enforce_eager=enforce_eager)
     from selm.models import default_device, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)

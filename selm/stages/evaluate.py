@@ -45,21 +45,25 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.engines.generation import generate_samples
-    from selm.models import default_device, load_causal_lm, load_tokenizer, set_threads
+    from selm.engines.generation import SamplingParams, build_generator
+    from selm.models import load_tokenizer, set_threads
 
-    ev = cfg.evaluate
-    set_threads(cfg.generate.num_threads)
+    ev, gc = cfg.evaluate, cfg.generate
+    set_threads(gc.num_threads)
     prompts = read_jsonl(prompts_path)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(default_device()).eval()
+    # The generate stage's backend (and its engine settings); evaluate's own batch size and limits.
+    generator = build_generator(gc.backend, model_path, dtype=cfg.model.dtype,
+                                trust_remote_code=cfg.model.trust_remote_code, batch_size=ev.batch_size,
+                                tensor_parallel_size=gc.tensor_parallel_size,
+                                gpu_memory_utilization=gc.vllm_gpu_memory_utilization,
+                                enforce_eager=gc.vllm_enforce_eager)
     greedy = ev.temperature == 0
-    samples = [r[0] for r in generate_samples(
-        model, tokenizer, [p["prompt"] for p in prompts], num_samples=1,
-        temperature=ev.temperature, top_p=1.0, max_new_tokens=ev.max_new_tokens,
-        greedy=greedy, batch_size=ev.batch_size, seed=seed, progress="evaluate: generate")]
-    del model
+    params = SamplingParams(num_samples=0 if greedy else 1, temperature=ev.temperature, top_p=1.0,
+                            max_new_tokens=ev.max_new_tokens, include_greedy=greedy, seed=seed)
+    samples = [r[0] for r in generator.generate([p["prompt"] for p in prompts], params, progress="evaluate: generate")]
+    del generator
     texts = [s.text for s in samples]
     gold = score_responses(cfg, [p["prompt"] for p in prompts], texts)
     # finished=False: cut at evaluate.max_new_tokens before the end of turn.

@@ -83,7 +83,10 @@ def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     set_threads(gc.num_threads)  # see GenerateConfig.num_threads and the README's "Threads"
     rows = read_prompt_rows(Path(prompts_path))
     generator = build_generator(gc.backend, model_path, dtype=cfg.model.dtype,
-                                trust_remote_code=cfg.model.trust_remote_code, batch_size=gc.batch_size)
+                                trust_remote_code=cfg.model.trust_remote_code, batch_size=gc.batch_size,
+                                tensor_parallel_size=gc.tensor_parallel_size,
+                                gpu_memory_utilization=gc.vllm_gpu_memory_utilization,
+                                enforce_eager=gc.vllm_enforce_eager)
 
     k = gc.num_samples
     explore_sample = gc.exploration == "sample"

