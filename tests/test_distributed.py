@@ -137,13 +137,16 @@ def _kill_when(cmd, condition, limit=300) -> bool:
     t0 = time.time()
 
     def kill_all() -> None:
-        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        for pid in tree:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+        for p in tree:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
                 pass
         proc.wait()
+        # The ranks are not our children: wait until they are gone before anything is relaunched.
+        psutil.wait_procs(tree[1:], timeout=30)
 
     try:
         while proc.poll() is None and time.time() - t0 < limit:
