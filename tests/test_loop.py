@@ -105,6 +105,19 @@ def _snapshot(out: Path) -> dict:
     return snap
 
 
+def rerun_equals_reference(out: Path, ref: Path) -> None:
+    """Re-run a stopped run to its end: the same final artifacts as the uninterrupted `ref`, and no
+    temporaries or checkpoints left."""
+    proc = subprocess.run(selm_cmd("run", TINY, "--output-dir", out), env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _snapshot(ref), _snapshot(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint"))
+
+
 def _run_until(out: Path, condition, limit=300) -> bool:
     """Start `selm run`, SIGKILL it once `condition(out)` holds; True if it was killed mid-run."""
     proc = subprocess.Popen(selm_cmd("run", TINY, "--output-dir", out), env=env(), stdout=subprocess.DEVNULL,
@@ -139,14 +152,7 @@ def test_sigkill_at_several_points_then_rerun_equals_uninterrupted(reference_run
     (out / ".start_model.k1ll.tmp" / "model.safetensors").write_bytes(b"half")
     (out / ".config.yaml.k1ll.tmp").write_text("seed: 0\n")
     (out / "data" / ".train_1.jsonl.k1ll.tmp").write_text("{")
-    proc = subprocess.run(selm_cmd("run", TINY, "--output-dir", out), env=env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _snapshot(ref), _snapshot(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k] == b[k], k
-    assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint"))
+    rerun_equals_reference(out, ref)
 
 
 def test_changed_config_is_refused_unless_asked(reference_run, tmp_path, capsys):

@@ -14,7 +14,7 @@ from selm import lora
 from selm.cli import main
 from selm.config import ConfigError, load_config
 from selm.stages.train import run_train
-from test_train import cfg, pairs_file, weights  # noqa: F401 -- pairs_file is a fixture
+from test_train import assert_same_training, cfg, pairs_file, weights  # noqa: F401 -- pairs_file is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny Llama: hidden 64, MLP 128, 4 heads of 16, 2 key/value heads (k, v project to 32), 2 layers.
@@ -90,11 +90,7 @@ def test_lora_resume_from_checkpoint_equals_uninterrupted(tmp_path, pairs_file, 
     ckpt = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
     assert sum(v.numel() for v in ckpt.values()) == adapter_params(4)  # the adapters only, not the base
     run_train(c, pairs_file, tiny_model_dir, tmp_path / "resumed")
-    a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
-    for name in a:
-        assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
-    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "resumed" / "metrics.jsonl")
+    assert_same_training(tmp_path / "full", tmp_path / "resumed")
     # A checkpoint of adapters does not load into full training: refused, naming the file.
     run_train(c, pairs_file, tiny_model_dir, tmp_path / "switched", max_steps=5)
     from selm.io import InputError

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers_cli import message_lines
-from test_loop import TINY, _snapshot, env, reference_run, selm_cmd  # noqa: F401 (fixture)
+from test_loop import TINY, env, reference_run, rerun_equals_reference, selm_cmd  # noqa: F401 (fixture)
 
 
 def _term_when(out, condition, limit=300):
@@ -53,14 +53,7 @@ def test_sigterm_stops_at_a_safe_point_and_the_rerun_equals_an_uninterrupted_run
     # A second stop, outside training (iteration 2's generation), then the re-run to the end.
     rc, err = _term_when(out, lambda o: (o / "iter_2" / "generate").exists())
     assert rc in (0, 143), err[-2000:]
-    proc = subprocess.run(selm_cmd("run", TINY, "--output-dir", out), env=env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _snapshot(ref), _snapshot(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k] == b[k], k
-    assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint"))
+    rerun_equals_reference(out, ref)
 
 
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -3,6 +3,7 @@ it writes a loadable checkpoint, reuses its reference cache, and resumes exactly
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,15 @@ def cfg(*overrides):
 
 def weights(path):
     return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two training folders hold the same model (to float tolerance) and the same metrics (but speed)."""
+    wa, wb = weights(a / "model"), weights(b / "model")
+    for name in wa:
+        assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
+    assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")
 
 
 def test_training_changes_every_parameter_and_lowers_loss(tmp_path, pairs_file, tiny_model_dir):
@@ -124,11 +134,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, pairs_file, tiny_
     run_train(c, pairs_file, tiny_model_dir, tmp_path / "resumed", max_steps=5)
     assert (tmp_path / "resumed" / "checkpoint").is_dir() and not (tmp_path / "resumed" / "DONE.json").exists()
     run_train(c, pairs_file, tiny_model_dir, tmp_path / "resumed")
-    a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
-    for name in a:
-        assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
-    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "resumed" / "metrics.jsonl")
+    assert_same_training(tmp_path / "full", tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "checkpoint").exists()
 
 
