@@ -6,6 +6,7 @@ Errors in user input print one line naming the file, line or key, and exit with 
 from __future__ import annotations
 
 import argparse
+import errno
 import dataclasses
 import os
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 from selm.config import Config, TrainConfig, ModelConfig, describe_options, field_docs, load_config
 
 EXIT_INPUT = 2
+# Errors of the storage, not of selm: reported in one line like bad input.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 DEBUG_HELP = "on an input error, show the traceback as well as the one-line message"
 
 
@@ -180,13 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from selm import dist, signals
     from selm.io import InputError
-
-    from selm import dist
 
     # Under a multi-process launcher every rank runs this; the main rank speaks for all, the others
     # only about their own errors.
-    from selm import signals
 
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
     previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
@@ -198,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"selm: error{who}: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        # A full disk or a folder that cannot be written: every file is written to a temporary name
+        # and renamed, so what was there before is intact and a re-run (once there is room) continues.
+        print(f"selm: error{who}: cannot write {e.filename or 'a file'}: {e.strerror}; nothing was marked done, "
+              "re-run the same command once it can be written", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
