@@ -1,5 +1,6 @@
-"""Manual stress check (not collected by pytest): SIGKILL `selm run` on configs/tiny.yaml twice at
-random times, re-run it to the end, and compare every final artifact with an uninterrupted run.
+"""Stress check: SIGKILL `selm run` on configs/tiny.yaml twice at random times, re-run it to the
+end, and compare every final artifact with an uninterrupted run. CI runs it with 2 trials
+(tests/test_stress_kill.py); run more by hand:
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tests/stress_kill_resume.py [--trials 12] [--seed 0]
 
