@@ -104,11 +104,14 @@ def shard(items: Sequence[T], *, rank_: int | None = None, world: int | None = N
     return list(items[r::w])
 
 
-def merge_shards(parts: list[list[T]]) -> list[T]:
-    """Undo `shard`: the round-robin shares of every rank (in rank order) back in their order."""
-    out: list[T] = []
-    for i in range(max((len(p) for p in parts), default=0)):
-        out += [p[i] for p in parts if i < len(p)]
+def merged(part: dict) -> dict:
+    """The union of every rank's `part` (keys are disjoint: each rank filled its own share), on every
+    rank; with one process, `part` itself."""
+    if world_size() == 1:
+        return part
+    out: dict = {}
+    for p in all_gather(part):
+        out.update(p)
     return out
 
 

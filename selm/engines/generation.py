@@ -348,8 +348,7 @@ class HFGenerator:
                     results[i] = [Sample(decode_response(self.tokenizer, ids[b * R + r], self.stop_ids),
                                          len(ids[b * R + r]), done[b * R + r]) for r in range(R)]
                 bar.update(len(batch))
-        for part in dist.all_gather(results) if dist.world_size() > 1 else []:
-            results.update(part)
+        results = dist.merged(results)
         return [results[i] for i in range(len(encoded))]
 
 

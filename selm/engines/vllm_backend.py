@@ -202,8 +202,7 @@ class VLLMGenerator:
             (out,) = run_engine(spec, [(rows, engine_requests(mine, params))])
             for b, i in enumerate(mine):
                 results[i] = [self._sample(*out[b * R + r]) for r in range(R)]
-        for part in dist.all_gather(results) if dist.world_size() > 1 else []:
-            results.update(part)
+        results = dist.merged(results)
         return [results[i] for i in range(len(encoded))]
 
     def _sample(self, ids: list[int], finish_reason: str):

@@ -29,8 +29,7 @@ def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]
         for i in dist.shard(chunks):
             out = ranker.score(prompts[i:i + step], [[r] for r in responses[i:i + step]])
             scores[i] = [float(s[0]) for s in out]
-    for part in dist.all_gather(scores) if dist.world_size() > 1 else []:
-        scores.update(part)
+    scores = dist.merged(scores)
     return [s for i in chunks for s in scores[i]]
 
 

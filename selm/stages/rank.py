@@ -128,8 +128,7 @@ def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg
         for i, chunk in mine:
             results[i] = [(rec["prompt_id"], result) for rec, result in _score_chunk(ranker, chunk, rc.on_error)]
             bar.update(len(chunk))
-    for part in dist.all_gather(results) if dist.world_size() > 1 else []:
-        results.update(part)
+    results = dist.merged(results)
     scored, skipped = [], []
     for rec, (pid, result) in zip(records, (r for i in range(len(chunks)) for r in results[i])):
         if isinstance(result, str):

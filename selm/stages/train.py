@@ -154,7 +154,7 @@ def _reference_cache(cache: Path, key: str, examples: list[TokenizedExample], ba
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     mine = [i for b in dist.shard(batches) for i in b]
     part = score(mine, -(-len(batches) // dist.world_size()))
-    pieces = dist.all_gather((mine, part)) if dist.world_size() > 1 else [(mine, part)]
+    pieces = dist.all_gather((mine, part))
     if dist.is_main():
         ref = {k: torch.zeros(len(examples)) for k in part}
         for idx, values in pieces:
