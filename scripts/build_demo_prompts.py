@@ -1,6 +1,6 @@
 """Build the demo task's prompt files (deterministic; no downloads).
 
-    python scripts/build_demo_prompts.py   # writes selm/data/demo/{train,eval}_prompts.jsonl
+    python scripts/build_demo_prompts.py   # writes selm/data/demo/{train,eval,evidence_eval}_prompts.jsonl
 
 Prompts ask for one short sentence about a mundane, mostly neutral topic. Training and evaluation
 topics are disjoint, so evaluation measures what training taught in general, not per topic.
@@ -66,6 +66,35 @@ EVAL_TOPICS = {
     "a bowl of oatmeal": ["oat", "porridge", "bowl"],
 }
 
+# More held-out topics for the evidence study's larger evaluation set (selm/data/demo/
+# evidence_eval_prompts.jsonl = EVAL_TOPICS + these; disjoint from TRAIN_TOPICS): 120 prompts from 15
+# topics cannot pin a win rate down to a few points.
+EXTRA_EVAL_TOPICS = {
+    "a vending machine": ["vending", "machine", "snack"], "a stapler": ["stapler", "staple"],
+    "a bathroom tile": ["tile", "bathroom"], "a parking meter": ["meter", "parking", "coin"],
+    "a shopping trolley": ["trolley", "cart", "shopping"], "a tram stop": ["tram", "stop"],
+    "a recycling bin": ["recycl", "bin"], "a doorbell": ["doorbell", "bell", "door"],
+    "a wall clock": ["clock", "time"], "a dish rack": ["rack", "dish"],
+    "a bookshelf": ["bookshelf", "shelf", "book"], "a tin of beans": ["bean", "tin", "can"],
+    "a light switch": ["switch", "light"], "a staircase": ["stair", "step"],
+    "a photocopier": ["photocop", "copier", "copy"], "a bus ticket": ["ticket", "bus", "fare"],
+    "a sofa cushion": ["cushion", "sofa", "couch"], "a car wash": ["wash", "car"],
+    "a tool shed": ["shed", "tool"], "a hotel lobby": ["lobby", "hotel"],
+    "a ferry crossing": ["ferry", "crossing", "boat"], "a shoe box": ["shoe", "box"],
+    "a water bottle": ["bottle", "water"], "a sandwich": ["sandwich", "bread"],
+    "a noticeboard": ["notice", "board"], "a rubbish truck": ["rubbish", "truck", "garbage", "trash"],
+    "a picnic bench": ["bench", "picnic"], "a mailbox": ["mailbox", "mail", "letter", "post"],
+    "a toaster": ["toast"], "a hospital corridor": ["hospital", "corridor", "hall"],
+    "a bank statement": ["statement", "bank"], "a wooden fence": ["fence", "wood"],
+    "a ticket machine": ["ticket", "machine"], "a baggage carousel": ["baggage", "luggage", "carousel", "bag"],
+    "a lecture hall": ["lecture", "hall"], "a street lamp": ["lamp", "street", "light"],
+    "a bicycle rack": ["rack", "bicycle", "bike"], "a roll of tape": ["tape", "roll"],
+    "a calendar": ["calendar", "date"], "a frozen pizza": ["pizza", "frozen"],
+    "a bag of rice": ["rice", "bag"], "a shower curtain": ["curtain", "shower"],
+    "a car battery": ["battery", "car"], "a fire escape": ["fire", "escape", "stair"],
+    "a flower pot": ["pot", "flower", "plant"],
+}
+
 
 def rows(topics: dict) -> list[dict]:
     out = []
@@ -81,7 +110,8 @@ def rows(topics: dict) -> list[dict]:
 def main() -> None:
     dest = Path(__file__).resolve().parents[1] / "selm" / "data" / "demo"
     dest.mkdir(parents=True, exist_ok=True)
-    for name, topics in (("train_prompts.jsonl", TRAIN_TOPICS), ("eval_prompts.jsonl", EVAL_TOPICS)):
+    for name, topics in (("train_prompts.jsonl", TRAIN_TOPICS), ("eval_prompts.jsonl", EVAL_TOPICS),
+                         ("evidence_eval_prompts.jsonl", {**EVAL_TOPICS, **EXTRA_EVAL_TOPICS})):
         data = rows(topics)
         (dest / name).write_text("".join(json.dumps(r) + "\n" for r in data))
         print(f"{dest / name}: {len(data)} prompts")

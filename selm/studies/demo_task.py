@@ -51,7 +51,7 @@ def _vader():
 @lru_cache(maxsize=1)
 def _keywords() -> dict[str, list[str]]:
     out = {}
-    for name in ("train_prompts.jsonl", "eval_prompts.jsonl"):
+    for name in ("train_prompts.jsonl", "eval_prompts.jsonl", "evidence_eval_prompts.jsonl"):
         for line in (DATA / name).read_text().splitlines():
             row = json.loads(line)
             out[row["prompt"]] = row["keywords"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from selm.io import atomic_write_text, read_json, read_jsonl
 from selm.stats import hierarchical_ci, mean, outcomes
+from selm.studies.findings import alpha_differences, findings, findings_lines, sweep_headline
 from selm.studies.study import arm_configs, load_study
 
 
@@ -29,7 +30,7 @@ def collect(out: Path) -> dict:
     cfgs = arm_configs(study)
     shared = cfgs[arms[0]]
     T, samples = shared.loop.iterations, shared.evaluate.bootstrap_samples
-    data: dict = {"arms": arms, "seeds": seeds, "iterations": T, "title": study["title"],
+    data: dict = {"arms": arms, "seeds": seeds, "iterations": T, "title": study["title"], "bootstrap_samples": samples,
                   "alphas": {name: cfg.train.alpha for name, cfg in cfgs.items()}}
     per_arm = {}
     for arm in arms:
@@ -70,6 +71,8 @@ def collect(out: Path) -> dict:
     ir = out / "analysis" / "implicit_rewards.json"
     if ir.is_file():
         data["implicit_rewards"] = read_json(ir)
+    data["findings"] = findings(out, data)
+    data["alpha_vs_zero"] = alpha_differences(out, data)
     return data
 
 
@@ -309,7 +312,8 @@ def headline(data: dict) -> str:
                 f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}). Win rate vs the start model: "
                 f"SELM {_fmt(s, True)}, DPO {_fmt(d, True)}.")
     best = max(data["arms"], key=lambda a: data["per_arm"][a]["gold"][T]["mean"] or float("-inf"))
-    return f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
+    return (f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
+            + sweep_headline(data.get("alpha_vs_zero") or {}))
 
 
 def build_report(out: Path) -> Path:
@@ -332,6 +336,7 @@ def build_report(out: Path) -> Path:
         lines += ["## Head to head: SELM vs DPO", "", "| iteration | SELM win rate over DPO |", "|---|---|"]
         lines += [f"| {t} | {_fmt(h, True)} |" for t, h in enumerate(data["head_to_head"], 1)]
         lines += ["", "![](plots/head_to_head.png)", ""]
+    lines += findings_lines(data.get("findings"))
     lines += ["## Mean gold reward, response length and answers cut off", "",
               "Cut off: the share of evaluation answers that hit evaluate.max_new_tokens before ending.", "",
               "| iteration | " + " | ".join(f"{a} gold | {a} length | {a} cut off" for a in data["arms"]) + " |",

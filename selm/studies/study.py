@@ -50,12 +50,16 @@ def _training_only(overrides: list[str]) -> bool:
 
 
 def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow_config_change: bool = False,
-              title: str = "study") -> Path:
+              title: str = "study", jobs: int = 1) -> Path:
+    """Run every arm x seed (resuming what is done). `jobs` > 1 runs that many arm-seed runs at once,
+    one process each (studies/parallel.py); results are the same as with one job."""
     from tqdm.auto import tqdm
 
-    from selm.loop import preflight, run_loop, stage_count
+    from selm.loop import preflight, stage_count
 
     out = Path(out)
+    if jobs < 1:
+        raise ConfigError("--jobs: must be >= 1")
     cfgs = {(a.name, s): arm_config(base, a, s) for a in arms for s in seeds}  # validate all before running
     # Before study.json is written, so that a corrected re-run is not refused as a change. Arms share
     # the data, model and rankers (they differ in training settings): the first config checks them.
@@ -70,30 +74,60 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
     atomic_write_json(spec_path, spec)
     total = sum(stage_count(c) for c in cfgs.values())
     bar = tqdm(total=total, desc=title, unit="stage", position=0)
-    first_run: Path | None = None
-    for s in seeds:
-        first: Path | None = None
-        for arm in arms:
-            run_dir = out / arm.name / f"seed_{s}"
-            if first is not None and _training_only(arm.overrides) and _training_only(arms[0].overrides):
-                _share(first, run_dir)
-            elif first_run is not None:
-                _share_start_eval(cfgs[(arm.name, s)], first_run, run_dir)
-            first = first or run_dir
-            first_run = first_run or run_dir
+    if jobs > 1 and len(arms) * len(seeds) > 1:
+        from selm.studies.parallel import done_stages, run_tasks
 
-            started = []
+        runs = [(out / a.name / f"seed_{s}", cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
 
-            def tick(t, stage, _arm=arm.name, _s=s):
-                # Called before each stage: the previous one of this run has finished.
-                bar.update(1 if started else 0)
-                started.append(stage)
-                bar.set_postfix_str(f"{_arm} seed {_s} iter {t} {stage}")
+        def progress():
+            bar.n = done_stages(runs)
+            bar.refresh()
 
-            run_loop(cfgs[(arm.name, s)], run_dir, allow_config_change=allow_config_change, on_stage=tick)
-            bar.update(1)
+        # First arms first: the other arms of a seed wait for its shared stages (see _run_arm).
+        order = [(i, s) for i in range(len(arms)) for s in seeds]
+        run_tasks(_run_arm, [(base, out, arms, i, s, allow_config_change, None, None, True) for i, s in order],
+                  [out / "logs" / f"{arms[i].name}_seed_{s}.log" for i, s in order], jobs, progress=progress)
+        progress()
+    else:
+        first_run: Path | None = None
+        for s in seeds:
+            for i in range(len(arms)):
+                _run_arm(base, out, arms, i, s, allow_config_change, first_run, bar)
+            first_run = first_run or out / arms[0].name / f"seed_{s}"
     bar.close()
     return out
+
+
+def _run_arm(base: dict, out: Path, arms: list[Arm], i: int, s: int, allow_config_change: bool,
+             first_run: Path | None, bar=None, wait: bool = False) -> None:
+    """Arm i of seed s. Arms after the first copy the first arm's shareable stages (with `wait`, they
+    wait for them: another process is computing them), and the start model's evaluation is copied
+    from `first_run` (another seed's run; else this seed's first arm) where it is the same computation."""
+    import time
+
+    from selm.loop import run_loop
+
+    arm, first = arms[i], out / arms[0].name / f"seed_{s}"
+    cfg = arm_config(base, arm, s)
+    run_dir = out / arm.name / f"seed_{s}"
+    if i > 0 and _training_only(arm.overrides) and _training_only(arms[0].overrides):
+        while wait and not all(is_done(first / rel) for rel in SHAREABLE if rel.startswith("iter_1")):
+            time.sleep(2.0)
+        _share(first, run_dir)
+    elif i > 0 or first_run is not None:
+        _share_start_eval(cfg, first_run or first, run_dir)
+    started = []
+
+    def tick(t, stage):
+        # Called before each stage: the previous one of this run has finished.
+        if bar is not None:
+            bar.update(1 if started else 0)
+            bar.set_postfix_str(f"{arm.name} seed {s} iter {t} {stage}")
+        started.append(stage)
+
+    run_loop(cfg, run_dir, allow_config_change=allow_config_change, on_stage=tick)
+    if bar is not None:
+        bar.update(1)
 
 
 def _share(src: Path, dst: Path) -> None:

@@ -1,0 +1,118 @@
+"""Several runs of a study at once, one process per arm-seed run (`jobs` > 1).
+
+Why processes: the stages run at one thread by default (README "Threads": two threads on a 2-core
+machine gain at most 1.6x and can lose 10x), so a one-process study leaves the other cores idle.
+Runs are the unit of work (a seed would be too coarse: three seeds on two processes take two
+rounds); an arm that shares its seed's first stages waits for them (study._run_arm). Each worker
+writes its own progress to DIR/logs/<arm>_seed_<s>.log; the parent shows one bar counting finished
+stages across the study.
+
+A failure in one run stops the others at their next safe point (SIGTERM, as a scheduler would) and
+is raised in the parent with its own message, so the command line prints the usual one line. Ctrl-C
+or SIGTERM to the parent is passed on the same way; the re-run continues every seed where it stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+from selm.io import is_done
+
+POLL_S = 2.0
+
+
+def done_stages(runs: list[tuple[Path, int]]) -> int:
+    """Finished stages over the study's runs ((run folder, iterations) each), for the progress bar."""
+    n = 0
+    for run, T in runs:
+        n += is_done(run / "iter_0" / "evaluate")
+        n += sum(is_done(run / f"iter_{t}" / s) for t in range(1, T + 1)
+                 for s in ("generate", "rank", "pair", "train", "evaluate"))
+    return n
+
+
+def _worker(target, args: tuple, log: str, errors, callable_dirs: list) -> None:
+    from selm import config, signals
+
+    signals.install()
+    # Folders where config files' callables live (found when the parent read the configs).
+    config.CALLABLE_DIRS[:] = callable_dirs
+    # Progress bars and warnings of this seed go to its log, not into the parent's terminal.
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        target(*args)
+    except KeyboardInterrupt:
+        raise SystemExit(1)
+    except BaseException as e:  # noqa: BLE001 -- handed to the parent, which raises it
+        errors.put((type(e).__module__, type(e).__name__, str(e)))
+        raise SystemExit(1)
+
+
+def _rebuild(module: str, name: str, message: str) -> BaseException:
+    """The worker's exception in the parent: same type where it can be rebuilt from its message
+    (InputError, ConfigError, OSError subclasses lose their errno: they become RuntimeError)."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if issubclass(cls, Exception) and not issubclass(cls, OSError):
+            return cls(message)
+    except Exception:  # noqa: BLE001
+        pass
+    return RuntimeError(f"{name}: {message}")
+
+
+def run_tasks(target, task_args: list[tuple], logs: list[Path], jobs: int, *, progress=None) -> None:
+    """Run ``target(*args)`` for each entry of `task_args` in its own spawned process, at most `jobs`
+    at a time; `progress()` is called every POLL_S seconds while they run."""
+    from selm.config import CALLABLE_DIRS
+
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold torch threads
+    errors = ctx.Queue()
+    waiting = list(zip(task_args, logs))
+    running: list = []
+    failure = None
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs and failure is None:
+                args, log = waiting.pop(0)
+                Path(log).parent.mkdir(parents=True, exist_ok=True)
+                p = ctx.Process(target=_worker, args=(target, args, str(log), errors, list(CALLABLE_DIRS)),
+                                daemon=False)
+                p.start()
+                running.append(p)
+            time.sleep(POLL_S)
+            if progress:
+                progress()
+            for p in [p for p in running if not p.is_alive()]:
+                running.remove(p)
+                if p.exitcode != 0 and failure is None:
+                    failure = p
+                    waiting.clear()
+                    _stop(running, signal.SIGTERM)
+        if failure is not None:
+            if not errors.empty():
+                raise _rebuild(*errors.get())
+            raise RuntimeError(f"a study worker exited with status {failure.exitcode}; see its log under logs/")
+    except KeyboardInterrupt:
+        _stop(running, signal.SIGTERM)
+        raise
+
+
+def _stop(procs: list, signum: int, timeout_s: float = 120.0) -> None:
+    """Ask the workers to stop at their next safe point, wait, then kill what is left."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signum)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
