@@ -247,3 +247,13 @@ def test_a_run_folder_means_its_last_trained_iteration(tmp_path, tiny_model_dir)
     assert resolve_model(str(folder), Config())[1] == "run/iter_2"
     with pytest.raises(Exception, match="not a model folder"):
         resolve_model(str(tmp_path), Config())
+
+
+def test_tiny_by_name_goes_under_runs(tmp_path, questions, judge, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SELM_CACHE", str(tmp_path / "cache"))
+    assert main(["eval", "mtbench", "tiny", "--questions", str(questions), "--judge-url", judge.url,
+                 "--judge-model", "j", "--max-new-tokens", "4", "--debug"]) == 0
+    (scores,) = (tmp_path / "runs" / "tiny" / "eval" / "mtbench").glob("*/judge-j-*/scores.json")
+    assert json.loads(scores.read_text())["model_id"] == "tiny"
+    assert capsys.readouterr().out.splitlines()[-1] == f"scores: {scores.relative_to(tmp_path)}"
