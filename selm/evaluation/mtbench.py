@@ -11,7 +11,8 @@ Output folder (``--output-dir``, default ``<model folder or run folder>/eval/mtb
     answers/answers.jsonl   FastChat-like {"question_id", "category", "model_id", "choices": [{"index": 0,
                             "turns": [a1, a2]}], "num_tokens", "finished"}; DONE.json holds the key
     judge-<name>-<key>/     judgments.jsonl ({"question_id", "category", "turn", "score" (null: no
-                            rating), "judgment", "judge"}), scores.json, DONE.json last
+                            rating), "judgment", "finish_reason" ("length": cut at judge_max_tokens),
+                            "judge"}), scores.json, DONE.json last
 
 The answers are keyed by (model identity: its folder and its files' sizes and mtimes, or the answers
 file's hash; the question file's hash; the generation settings), so judging again with another
@@ -247,7 +248,8 @@ def judge_answers(cfg: Config, questions: list[Question], answers: dict[Any, lis
                               where=[f"question_id {q.question_id!r}, turn {t}" for q, t in cells],
                               temperature=0, max_tokens=m.judge_max_tokens)
     return [{"question_id": q.question_id, "category": q.category, "turn": t,
-             "score": parse_judge_rating(r.text), "judgment": r.text, "judge": m.judge_model}
+             "score": parse_judge_rating(r.text), "judgment": r.text, "finish_reason": r.finish_reason,
+             "judge": m.judge_model}
             for (q, t), r in zip(cells, replies)]
 
 
