@@ -312,7 +312,10 @@ def headline(data: dict) -> str:
     return f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
 
 
-def build_report(out: Path) -> Path:
+def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
+    """Write the study's report; `exploration_prompts` overrides report.exploration_prompts."""
+    from selm.studies.exploration_report import study_section
+
     out = Path(out)
     data = collect(out)
     made = _plots(data, out / "plots")
@@ -354,6 +357,7 @@ def build_report(out: Path) -> Path:
             lines.append(f"| {data['alphas'][a]:g} | {_fmt(data['per_arm'][a]['gold'][T])} | "
                          f"{_fmt(data['per_arm'][a]['win_vs_start'][T], True)} |")
         lines += ["", "![](plots/alpha_sweep.png)", ""]
+    lines += study_section(out, data, exploration_prompts)
     if data.get("examples"):
         lines += ["## Example generations (first seed, last iteration)", ""]
         for ex in data["examples"]:

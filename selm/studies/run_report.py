@@ -12,6 +12,7 @@ from pathlib import Path
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
 from selm.stats import outcomes
+from selm.studies.exploration_report import run_section
 from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, pyplot,
                                  training_curves)
 
@@ -87,8 +88,9 @@ def _plots(data: dict, plots: Path) -> list[str]:
     return made
 
 
-def build_run_report(out: Path) -> Path:
-    """Write out/report.md, out/report.json and out/plots/*.png for the run folder `out`."""
+def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
+    """Write out/report.md, out/report.json and out/plots/*.png for the run folder `out`.
+    `exploration_prompts` overrides report.exploration_prompts."""
     out = Path(out)
     data = collect_run(out)
     made = _plots(data, out / "plots")
@@ -110,6 +112,7 @@ def build_run_report(out: Path) -> Path:
                         ("training_curves.png", "Training curves")):
         if name in made:
             lines += [f"## {title}", "", f"![](plots/{name})", ""]
+    lines += run_section(out, data, exploration_prompts)
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
