@@ -120,8 +120,11 @@ def _grid(save, name: str, title: str, per_label: dict[str, list[dict]], panels:
             stats = [r[part][key][unit] if unit else r[part][key] for r in rows]
             if all("values" not in s for s in stats):
                 _errbar(ax, [r["iteration"] for r in rows], stats, label, 100 if key in PCT else 1)
-            else:
-                ax.plot([r["iteration"] for r in rows], [s["mean"] for s in stats], marker="o", label=label)
+            else:  # pooled over prompts: no interval
+                pts = [(r["iteration"], s["mean"] * (100 if key in PCT else 1)) for r, s in zip(rows, stats)
+                       if s["mean"] is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                ax.set_xticks([r["iteration"] for r in rows])
         if part == "distance":
             ax.axhline(0, color="grey", lw=0.8, ls="--")
         if key == "beats_start_best":
@@ -148,6 +151,7 @@ def _quantile_panel(ax, per_label: dict[str, list[dict]]) -> None:
         ax.fill_between(its, [x["p10"] for x in q], [x["p90"] for x in q], alpha=0.2, color=line.get_color())
         ax.plot(its, [r["coverage"]["max"] for r in rows if r["coverage"]["max"] is not None], "x",
                 color=line.get_color())
+    ax.set_xticks([r["iteration"] for rows in per_label.values() for r in rows])
     ax.set(title="candidate scores: median, 10-90% band, max (x)", xlabel="iteration")
 
 
