@@ -3,7 +3,8 @@
 Sections: headline; gold win rate vs the start model per iteration (95% intervals over seeds and
 prompts); head-to-head SELM vs DPO; gold reward distributions of generations per iteration (the
 paper's Fig. 3); implicit rewards of SELM minus DPO on held-out chosen/rejected (Fig. 4); training
-curves; response length; the alpha sweep (gold reward against alpha); example generations.
+curves; response length; the alpha sweep (gold reward against alpha); the exploration statistics
+(selm/studies/exploration_report.py); example generations.
 """
 
 from __future__ import annotations

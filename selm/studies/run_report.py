@@ -1,7 +1,8 @@
 """The report of one `selm run` folder: report.md, report.json and PNG plots, built only from the
 run's own files (`selm report DIR`). Per iteration: mean gold reward, win rates vs the start model
 and vs the previous iteration (95% bootstrap intervals over prompts; ties count half), response
-length, the share of answers cut off, pairs; and the training curves. The plotting and interval
+length, the share of answers cut off, pairs; the training curves; and the exploration statistics
+(selm/studies/exploration_report.py). The plotting and interval
 helpers are the study report's (selm/studies/report.py)."""
 
 from __future__ import annotations
