@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--alphas", default="0,1,5")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--out", type=Path, default=Path("/tmp/exploration_alpha"))
+    ap.add_argument("--prompts", type=int, default=16, help="report.exploration_prompts (16: all 12 of each slice)")
     args = ap.parse_args()
     print("seed alpha  y0_vs_start per iteration")
     for seed in map(int, args.seeds.split(",")):
@@ -30,7 +31,7 @@ def main() -> None:
             cfg = load_config(TINY, [f"train.alpha={alpha}", f"seed={seed}", "evaluate.enabled=false"])
             out = args.out / f"seed_{seed}_alpha_{alpha:g}"
             run_loop(cfg, out)
-            rows = run_exploration(out, cfg)["per_iteration"]
+            rows = run_exploration(out, cfg, args.prompts)["per_iteration"]
             vals = [r["distance"]["y0_vs_start"]["per_sequence"] for r in rows]
             print(seed, f"{alpha:g}", " ".join(f"{sum(v) / len(v):.3f}" for v in vals), flush=True)
 

@@ -417,7 +417,7 @@ class EvaluateConfig:
 
 @dataclass
 class ReportConfig:
-    exploration_prompts: int = 16
+    exploration_prompts: int = 8
     """Prompts per iteration (the first ones of its slice) whose sampled candidates and exploration
     response y0 `selm report` scores under the start, previous and current model, one no-grad pass
     per model (the exploration statistics' log-ratios), and whose samples' pairwise edit distances

@@ -179,7 +179,7 @@ def test_distances_are_the_scored_log_ratios(alpha_runs):
     m1, _ = ex.score_responses(out / "iter_1" / "train" / "model", items, cfg)
     assert it2["y0_vs_previous"]["per_sequence"] == pytest.approx([a - b for a, b in zip(m2, m1)], abs=1e-5)
     assert it2["y0_vs_previous"]["per_token"] == pytest.approx([(a - b) / k for a, b, k in zip(m2, m1, n)], abs=1e-5)
-    assert len(it2["samples_vs_start"]["per_sequence"]) == len(rows)  # 12 prompts < the cap of 16
+    assert len(it2["samples_vs_start"]["per_sequence"]) == cfg.report.exploration_prompts == 8  # of 12 prompts
 
 
 def test_cached_until_an_input_changes(alpha_runs):
@@ -189,8 +189,8 @@ def test_cached_until_an_input_changes(alpha_runs):
     before = cache.stat().st_mtime_ns
     ex.run_exploration(out, cfg)
     assert cache.stat().st_mtime_ns == before
-    fewer = ex.run_exploration(out, cfg, prompts=4)  # another cap: recomputed
-    assert len(fewer["per_iteration"][0]["distance"]["y0_vs_start"]["per_sequence"]) == 4
+    fewer = ex.run_exploration(out, cfg, prompts=3)  # another cap: recomputed
+    assert len(fewer["per_iteration"][0]["distance"]["y0_vs_start"]["per_sequence"]) == 3
     none = ex.run_exploration(out, cfg, prompts=0)
     assert all(r["distance"] == {} for r in none["per_iteration"])
     assert none["per_iteration"][0]["diversity"]["edit_distance"] == []
@@ -199,7 +199,7 @@ def test_cached_until_an_input_changes(alpha_runs):
 
 def test_run_report_has_the_exploration_section(alpha_runs, capsys):
     out, cfg = alpha_runs[5.0]
-    assert main(["report", str(out), "--exploration-prompts", "8"]) == 0
+    assert main(["report", str(out), "--exploration-prompts", "5"]) == 0
     text = (out / "report.md").read_text()
     for head in ("## Exploration", "### Distance moved: log-ratio per response", "### Distance moved: log-ratio per token",
                  "### Diversity of the sampled candidates", "### Reward coverage (training ranker)"):
@@ -207,11 +207,11 @@ def test_run_report_has_the_exploration_section(alpha_runs, capsys):
     for png in ("exploration_distance.png", "exploration_diversity.png", "exploration_coverage.png"):
         assert (out / "plots" / png).stat().st_size > 1000 and f"plots/{png}" in text
     data = json.loads((out / "report.json").read_text())["exploration"]
-    raw = ex.run_exploration(out, cfg, prompts=8)["per_iteration"]
+    raw = ex.run_exploration(out, cfg, prompts=5)["per_iteration"]
     y0 = data["per_iteration"][0]["distance"]["y0_vs_start"]["per_sequence"]
     vals = raw[0]["distance"]["y0_vs_start"]["per_sequence"]
-    assert data["prompts_scored"] == 8 and y0["n"] == 8 and y0["mean"] == pytest.approx(sum(vals) / 8)
+    assert data["prompts_scored"] == 5 and y0["n"] == 5 and y0["mean"] == pytest.approx(sum(vals) / 5)
     assert data["per_iteration"][0]["distance"]["samples_vs_previous"]["per_sequence"]["mean"] is not None
-    assert "over the first 8 prompts of each iteration" in text
+    assert "over the first 5 prompts of each iteration" in text
     assert main(["report", str(out), "--exploration-prompts", "-1"]) == 2
     assert "--exploration-prompts: must be >= 0" in capsys.readouterr().err

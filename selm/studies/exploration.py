@@ -143,19 +143,20 @@ def response_sets(run: Path, T: int, cap: int) -> dict[str, tuple[list[tuple], l
 
 def score_responses(model_path: Path, items: list[tuple], cfg) -> tuple[list[float], list[int]]:
     """Summed log-probs of each (prompt, response, finished) under the model, and each response's
-    token count, scored as training scores its reference (tokenisation, layout, precision)."""
+    token count, scored as training scores its reference (tokenisation, truncation, layout) but in
+    the weights' own precision (model.dtype), without train.bf16's autocast: small log-ratios want
+    the precision, and bf16 autocast ran 6x slower on a CPU without bf16 units (docs/method.md)."""
     import torch
 
     from selm.models import load_causal_lm, load_tokenizer
     from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_responses
-    from selm.stages.train import autocast_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
     ex = tokenize_responses(tok, items, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length)
     lp = score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                     pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train))
+                     pad_id=tok.pad_token_id, device=device)
     return lp["chosen"].tolist(), [len(e.responses[0]) for e in ex]
 
 
@@ -269,7 +270,7 @@ def _key(run: Path, cfg, cap: int) -> str:
                 stages[f"{t}/model"] = (run / f"iter_{t}" / s / "model").is_dir()
     tc = cfg.train
     return sha256_json({"version": VERSION, "stages": stages, "model": config_to_dict(cfg)["model"], "seed": cfg.seed,
-                        "cap": cap, "scoring": [tc.max_length, tc.max_prompt_length, tc.layout, tc.bf16]})
+                        "cap": cap, "scoring": [tc.max_length, tc.max_prompt_length, tc.layout]})
 
 
 def run_exploration(run: Path, cfg, prompts: int | None = None) -> dict:
