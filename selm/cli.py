@@ -147,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the report (report.md + plots) of a run, demo or sweep folder",
                        description="Write DIR/report.md with PNG plots: for a `selm run` folder the per-iteration "
                        "gold reward, win rates vs the start and the previous model, lengths, answers cut off and "
-                       "training curves; for a demo or sweep folder the study report.")
+                       "training curves; for a demo or sweep folder the study report. Both end with the "
+                       "exploration statistics (distance moved, diversity, reward coverage; docs/method.md).")
     p.add_argument("output_dir", type=Path)
+    p.add_argument("--exploration-prompts", type=int, default=None, metavar="N",
+                   help="prompts per iteration scored for the exploration statistics (default: the run's "
+                   "report.exploration_prompts; 0: no scoring pass)")
 
     p = sub.add_parser("status", help="show where a run stands")
     p.add_argument("output_dir", type=Path)
@@ -334,8 +338,11 @@ def _dispatch(args) -> int:
         from selm.studies.report import build_report
         from selm.studies.run_report import build_run_report
 
+        if args.exploration_prompts is not None and args.exploration_prompts < 0:
+            raise InputError("--exploration-prompts: must be >= 0 (0: no scoring pass)")
         is_study = (args.output_dir / "study.json").is_file()
-        print(f"report: {(build_report if is_study else build_run_report)(args.output_dir)}")
+        build = build_report if is_study else build_run_report
+        print(f"report: {build(args.output_dir, args.exploration_prompts)}")
         return 0
     if args.command == "run":
         cfg = _load(args)

@@ -465,6 +465,19 @@ class MTBenchConfig:
 
 
 @dataclass
+class ReportConfig:
+    exploration_prompts: int = 8
+    """Prompts per iteration (the first ones of its slice) whose sampled candidates and exploration
+    response y0 `selm report` scores under the start, previous and current model, one no-grad pass
+    per model (the exploration statistics' log-ratios), and whose samples' pairwise edit distances
+    it computes. 0: no scoring pass (the log-ratios and edit distances are left out)."""
+
+    def __post_init__(self):
+        if self.exploration_prompts < 0:
+            raise ConfigError("report.exploration_prompts: must be >= 0 (0: no scoring pass)")
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed for prompt shuffling, sampling and training."""
@@ -486,6 +499,8 @@ class Config:
     """Evaluation with a gold judge."""
     mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
     """`selm eval mtbench`: two-turn questions rated 1-10 by an LLM judge."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """What `selm report` computes beyond the run's own files."""
 
     def __post_init__(self):
         if self.seed < 0:

@@ -18,6 +18,7 @@ ZERO_OK = {
     "train.weight_decay": [], "train.adam_beta1": [], "train.adam_beta2": [], "train.max_grad_norm": [],
     "train.save_every_steps": [], "evaluate.temperature": [], "train.lora.r": [], "train.lora.dropout": [],
     "mtbench.temperature": [], "mtbench.max_retries": [],
+    "report.exploration_prompts": [],
 }
 
 

@@ -97,6 +97,30 @@ def test_alpha_sweep_report(tmp_path):
     assert "## Alpha sweep" in text and (tmp_path / "sweep" / "plots" / "alpha_sweep.png").is_file()
     for a in ("| 0 |", "| 0.01 |", "| 0.1 |", "| 1 |"):
         assert a in text
+    assert "### Alpha vs exploration (iteration 1)" in text
+    assert (tmp_path / "sweep" / "plots" / "exploration_alpha.png").stat().st_size > 1000
+    for a in ("0", "0.01", "0.1", "1"):
+        assert f"| alpha_{a} | {a} | " in text
+
+
+def test_exploration_section_pools_the_seeds_of_each_arm(demo):
+    out, report = demo
+    text = report.read_text()
+    assert "## Exploration" in text and "### Alpha vs exploration (iteration 2)" in text
+    for png in ("exploration_distance.png", "exploration_diversity.png", "exploration_coverage.png",
+                "exploration_alpha.png"):
+        assert (out / "plots" / png).stat().st_size > 1000 and f"plots/{png}" in text, png
+    per_arm = json.loads((out / "report.json").read_text())["exploration"]["per_arm"]
+    vals = []
+    for s in (0, 1):
+        cached = json.loads((out / "selm" / f"seed_{s}" / "analysis" / "exploration.json").read_text())
+        vals += cached["per_iteration"][1]["distance"]["y0_vs_start"]["per_sequence"]
+    pooled = per_arm["selm"][1]["distance"]["y0_vs_start"]["per_sequence"]
+    assert pooled["seeds"] == 2 and pooled["n"] == len(vals) == 2 * 8  # the first 8 of 12 prompts
+    assert pooled["mean"] == pytest.approx(sum(vals) / len(vals))
+    # Within a seed the arms share iteration 1's candidates, so their diversity and coverage agree.
+    assert per_arm["selm"][0]["diversity"] == per_arm["dpo"][0]["diversity"]
+    assert per_arm["selm"][0]["coverage"] == per_arm["dpo"][0]["coverage"]
 
 
 def test_report_states_model_size_source_task_ranker_and_gold_judge(demo):

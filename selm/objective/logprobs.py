@@ -53,17 +53,32 @@ def tokenize_pairs(
     stop = end_of_turn_ids(tokenizer)
     out = []
     for p in pairs:
-        ptext = prompt_text(tokenizer, p.prompt)
-        prompt_ids = encode_prompt(tokenizer, p.prompt)
         texts = [p.chosen, p.rejected] + ([p.exploration or ""] if with_exploration else [])
-        responses = []
-        for text, finished in zip(texts, p.finished):
-            # A response cut at the generation limit is not a finished turn: no end-of-turn token.
-            r = encode_response(tokenizer, p.prompt, text, ptext, stop, finished=finished)
-            trunc_prompt, r = truncate(prompt_ids, r, max_length=max_length, max_prompt_length=max_prompt_length)
-            responses.append(r)
-        out.append(TokenizedExample(trunc_prompt, responses))
+        out.append(_tokenize_example(tokenizer, p.prompt, list(zip(texts, p.finished)), stop, max_length=max_length,
+                                     max_prompt_length=max_prompt_length))
     return out
+
+
+def tokenize_responses(tokenizer, items: Sequence[tuple], *, max_length: int, max_prompt_length: int
+                       ) -> list[TokenizedExample]:
+    """One single-response example per (prompt messages, response text, finished) item, tokenised
+    and cut exactly as training's pairs are (for scoring responses that are not in a pair)."""
+    stop = end_of_turn_ids(tokenizer)
+    return [_tokenize_example(tokenizer, prompt, [(text, finished)], stop, max_length=max_length,
+                              max_prompt_length=max_prompt_length) for prompt, text, finished in items]
+
+
+def _tokenize_example(tokenizer, prompt, responses: Sequence[tuple[str, bool]], stop, *, max_length: int,
+                      max_prompt_length: int) -> TokenizedExample:
+    ptext = prompt_text(tokenizer, prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    out = []
+    for text, finished in responses:
+        # A response cut at the generation limit is not a finished turn: no end-of-turn token.
+        r = encode_response(tokenizer, prompt, text, ptext, stop, finished=finished)
+        trunc_prompt, r = truncate(prompt_ids, r, max_length=max_length, max_prompt_length=max_prompt_length)
+        out.append(r)
+    return TokenizedExample(trunc_prompt, out)
 
 
 @dataclass

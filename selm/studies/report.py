@@ -3,7 +3,8 @@
 Sections: headline; gold win rate vs the start model per iteration (95% intervals over seeds and
 prompts); head-to-head SELM vs DPO; gold reward distributions of generations per iteration (the
 paper's Fig. 3); implicit rewards of SELM minus DPO on held-out chosen/rejected (Fig. 4); training
-curves; response length; the alpha sweep (gold reward against alpha); example generations.
+curves; response length; the alpha sweep (gold reward against alpha); the exploration statistics
+(selm/studies/exploration_report.py); example generations.
 """
 
 from __future__ import annotations
@@ -316,7 +317,10 @@ def headline(data: dict) -> str:
             + sweep_headline(data.get("alpha_vs_zero") or {}))
 
 
-def build_report(out: Path) -> Path:
+def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
+    """Write the study's report; `exploration_prompts` overrides report.exploration_prompts."""
+    from selm.studies.exploration_report import study_section
+
     out = Path(out)
     data = collect(out)
     made = _plots(data, out / "plots")
@@ -359,6 +363,7 @@ def build_report(out: Path) -> Path:
             lines.append(f"| {data['alphas'][a]:g} | {_fmt(data['per_arm'][a]['gold'][T])} | "
                          f"{_fmt(data['per_arm'][a]['win_vs_start'][T], True)} |")
         lines += ["", "![](plots/alpha_sweep.png)", ""]
+    lines += study_section(out, data, exploration_prompts)
     if data.get("examples"):
         lines += ["## Example generations (first seed, last iteration)", ""]
         for ex in data["examples"]:

@@ -1,7 +1,8 @@
 """The report of one `selm run` folder: report.md, report.json and PNG plots, built only from the
 run's own files (`selm report DIR`). Per iteration: mean gold reward, win rates vs the start model
 and vs the previous iteration (95% bootstrap intervals over prompts; ties count half), response
-length, the share of answers cut off, pairs; and the training curves. The plotting and interval
+length, the share of answers cut off, pairs; the training curves; and the exploration statistics
+(selm/studies/exploration_report.py). The plotting and interval
 helpers are the study report's (selm/studies/report.py)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
 from selm.stats import outcomes
+from selm.studies.exploration_report import run_section
 from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, pyplot,
                                  training_curves)
 
@@ -87,8 +89,9 @@ def _plots(data: dict, plots: Path) -> list[str]:
     return made
 
 
-def build_run_report(out: Path) -> Path:
-    """Write out/report.md, out/report.json and out/plots/*.png for the run folder `out`."""
+def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
+    """Write out/report.md, out/report.json and out/plots/*.png for the run folder `out`.
+    `exploration_prompts` overrides report.exploration_prompts."""
     out = Path(out)
     data = collect_run(out)
     made = _plots(data, out / "plots")
@@ -110,6 +113,7 @@ def build_run_report(out: Path) -> Path:
                         ("training_curves.png", "Training curves")):
         if name in made:
             lines += [f"## {title}", "", f"![](plots/{name})", ""]
+    lines += run_section(out, data, exploration_prompts)
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
