@@ -1,0 +1,1 @@
+"""Evaluation commands (`selm eval ...`): head-to-head judging of two models' outputs."""
