@@ -181,6 +181,9 @@ class RankConfig:
     """Per-request timeout for the HTTP judge."""
     max_retries: int = 3
     """Retries (with backoff) for a failing HTTP request."""
+    max_concurrency: int = 8
+    """For "http_judge": requests in flight at once (fewer for a while after the endpoint answers 429
+    Too Many Requests). 1 sends one at a time."""
     on_error: Literal["fail", "skip"] = "fail"
     """A ranker error or a non-finite score: "fail" stops the stage with the error; "skip" drops that
     prompt and counts it."""
@@ -192,6 +195,8 @@ class RankConfig:
             raise ConfigError("rank.batch_size: must be >= 1")
         if self.max_retries < 0:
             raise ConfigError("rank.max_retries: must be >= 0")
+        if self.max_concurrency < 1:
+            raise ConfigError("rank.max_concurrency: must be >= 1")
         if self.max_length < 1:
             raise ConfigError("rank.max_length: must be >= 1")
         if self.timeout_s <= 0:

@@ -37,26 +37,50 @@ def bad_pairwise(prompt: list[dict], a: str, b: str) -> float:
 not_a_function = 42
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # many clients connecting at once must not be refused
+
+
 class JudgeServer:
-    """A local OpenAI-compatible server. `reply(body, headers, n)` -> (status, text, delay_s)."""
+    """A local OpenAI-compatible server. `reply(body, headers, n)` -> (status, text, delay_s) or
+    (status, text, delay_s, extra), n counting requests from 1; extra may hold "headers" (sent
+    with the reply), "raw" (the reply body sent as is) and "logprobs" (put in the 200 choice).
+    `peak` is the most requests it has had in progress at once."""
 
     def __init__(self, reply):
         self.reply = reply
         self.requests: list[tuple[dict, dict]] = []
+        self.in_flight = self.peak = 0
+        self.lock = threading.Lock()
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.requests.append((body, dict(self.headers)))
-                status, text, delay = judge.reply(body, dict(self.headers), len(judge.requests))
-                time.sleep(delay)
-                payload = (json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
-                           if status == 200 else text).encode()
+                with judge.lock:
+                    judge.requests.append((body, dict(self.headers)))
+                    n = len(judge.requests)
+                    judge.in_flight += 1
+                    judge.peak = max(judge.peak, judge.in_flight)
+                try:
+                    status, text, delay, *rest = judge.reply(body, dict(self.headers), n)
+                    time.sleep(delay)
+                finally:
+                    with judge.lock:
+                        judge.in_flight -= 1
+                extra = rest[0] if rest else {}
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                if "logprobs" in extra:
+                    choice["logprobs"] = extra["logprobs"]
+                payload = (extra["raw"] if "raw" in extra else json.dumps({"choices": [choice]}) if status == 200
+                           else text).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    for k, v in extra.get("headers", {}).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(payload)
                 except OSError:  # the client timed out and hung up
@@ -65,8 +89,7 @@ class JudgeServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -74,3 +97,9 @@ class JudgeServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self) -> "JudgeServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -257,6 +257,30 @@ def test_http_judge_unparseable_reply(judge_server):
         _http(server.url).score([P], [["a"]])
 
 
+def test_http_judge_scores_a_batch_concurrently_and_never_pays_twice(judge_server):
+    """Six ratings in flight at once; when one prompt fails, the rank stage's one-by-one retry
+    of the batch re-sends only the failed request."""
+    def reply(body, headers, n):
+        if "BAD" in body["messages"][1]["content"]:
+            return 400, "rejected", 0
+        return 200, f"[[{len(body['messages'][1]['content']) % 10 + 1}]]", 0.2
+    server = judge_server(reply)
+    r = _http(server.url, max_concurrency=6)
+    prompts = [[{"role": "user", "content": t}] for t in ("x", "yy", "zzz")]
+    scores = r.score(prompts, [["a", "bb"]] * 3)
+    assert server.peak == 6 and len(server.requests) == 6
+    assert scores == r.score(prompts, [["a", "bb"]] * 3)  # same ratings (reused, not re-sent)
+    assert len(server.requests) == 6
+    cands = [["a", "bb"], ["c", "BAD"], ["dd", "e"]]
+    with pytest.raises(RankerError, match=r"HTTP 400 .*\(1 attempt; prompt 1\)$"):
+        r.score(prompts, cands)
+    sent = len(server.requests)
+    assert r.score([prompts[0]], [cands[0]]) and r.score([prompts[2]], [cands[2]])
+    with pytest.raises(RankerError):
+        r.score([prompts[1]], [cands[1]])
+    assert len(server.requests) == sent + 1
+
+
 def test_http_judge_redacts_the_key_from_errors(judge_server, monkeypatch):
     monkeypatch.setenv("SELM_TEST_JUDGE_KEY", "sk-echoed-secret")
     server = judge_server(lambda body, headers, n: (400, f"bad header {headers['Authorization']}", 0))

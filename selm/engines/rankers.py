@@ -16,8 +16,9 @@ One interface, five implementations chosen by ``RankConfig.kind``::
                   implementation, selm/engines/pairrm.py): every ordered pair compared, score = mean
                   over the others of the log-odds of winning, both orders combined (as the authors).
 - "http_judge":   an LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint that rates
-                  each response 1-10 (stdlib urllib; the API key is read from the environment at call
-                  time and never stored, logged or put in an error message).
+                  each response 1-10, many requests in flight at once (selm/engines/llm_client.py; the
+                  API key is read from the environment at call time and never stored, logged or put
+                  in an error message).
 
 Every ranker's output is checked: one finite score per candidate, else ``RankerError`` naming the
 prompt. Errors are one line that starts with the config key ("rank" or "evaluate.judge").
@@ -26,16 +27,10 @@ prompt. Errors are one line that starts with the config key ("rank" or "evaluate
 from __future__ import annotations
 
 import importlib
-import http.client
 import json
 import math
-import os
 import re
-import socket
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -375,79 +370,62 @@ def render_conversation(prompt: Messages, response: str) -> str:
 
 
 class HttpJudgeRanker(Ranker):
-    """Rates each (prompt, response) 1-10 with one request to ``{url}/chat/completions``, temperature 0.
+    """Rates each (prompt, response) 1-10 with one request to ``{url}/chat/completions``, temperature 0,
+    a whole batch at once with at most ``cfg.max_concurrency`` requests in flight (selm/engines/
+    llm_client.py: retries with backoff, Retry-After, fewer in flight after a 429, the key redacted).
 
-    Retries timeouts, connection errors, 429 and 5xx up to cfg.max_retries times, waiting
-    backoff_s * 2**attempt (or the server's Retry-After, capped at 60 s). Other 4xx fail at once.
+    Ratings already obtained in the last batch are reused when the rank stage scores a failed
+    batch's prompts again one by one, so a judge is never paid twice for the same rating.
     """
 
     def __init__(self, cfg: RankConfig, key: str = "rank", backoff_s: float = 1.0):
         super().__init__(cfg, key)
+        from selm.engines.llm_client import ChatClient, ChatError
+
         if not cfg.url or not cfg.judge_model:
             raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is 'http_judge'")
-        base = cfg.url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.backoff_s = backoff_s
+        try:
+            self.client = ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
+                                     max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
+                                     backoff_s=backoff_s, key=key)
+        except ChatError as e:
+            raise RankerError(str(e)) from None
+        self.endpoint = self.client.endpoint
+        self._known: dict[str, float] = {}  # request body (JSON) -> rating, from the last batch
 
-    def _redact(self, text: str) -> str:
-        key = os.environ.get(self.cfg.api_key_env)
-        return text.replace(key, "***") if key else text
+    def _body(self, prompt: Messages, response: str) -> dict:
+        return {"messages": [{"role": "system", "content": JUDGE_SYSTEM},
+                             {"role": "user", "content": render_conversation(prompt, response)}],
+                "temperature": 0, "max_tokens": 256}
 
-    def _request(self, body: dict, where: str) -> dict:
-        headers = {"Content-Type": "application/json"}
-        api_key = os.environ.get(self.cfg.api_key_env)  # read per call; never kept on the object
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        data = json.dumps(body).encode("utf-8")
-        last = ""
-        for attempt in range(self.cfg.max_retries + 1):
-            wait = self.backoff_s * 2 ** attempt
-            try:
-                req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return json.loads(resp.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                detail = e.read(200).decode("utf-8", "replace") if e.fp else ""
-                last = f"HTTP {e.code} {e.reason}: {detail}".strip()
-                if e.code != 429 and e.code < 500:
-                    break
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if retry_after and retry_after.strip().isdigit():
-                    wait = min(60.0, float(retry_after))
-            except (TimeoutError, socket.timeout):
-                last = f"timed out after {self.cfg.timeout_s:g} s"
-            except urllib.error.URLError as e:
-                last = (f"timed out after {self.cfg.timeout_s:g} s" if isinstance(e.reason, (TimeoutError, socket.timeout))
-                        else f"cannot connect: {e.reason}")
-            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self.cfg.max_retries:
-                time.sleep(wait)
-        tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
-        raise RankerError(self._redact(f"{self.key}.url: {self.endpoint}: {last} ({tries}; {where})"))
+    def _score_batch(self, prompts, candidates, ids):
+        from selm.engines.llm_client import ChatError
 
-    def _score_prompt(self, prompt, responses, ids, i):
-        where = _where(ids, i)
-        out = []
-        for r in responses:
-            body = {
-                "model": self.cfg.judge_model,
-                "messages": [{"role": "system", "content": JUDGE_SYSTEM},
-                             {"role": "user", "content": render_conversation(prompt, r)}],
-                "temperature": 0,
-                "max_tokens": 256,
-            }
-            reply = self._request(body, where)
-            try:
-                text = reply["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise RankerError(self._redact(f"{self.key}.url: {self.endpoint}: unexpected reply "
-                                               f"{json.dumps(reply)[:200]} ({where})")) from None
-            rating = parse_rating(text)
+        items = [(i, self._body(p, r)) for i, (p, cands) in enumerate(zip(prompts, candidates)) for r in cands]
+        keys = [json.dumps(b, sort_keys=True) for _, b in items]
+        todo = [k for k in range(len(items)) if keys[k] not in self._known]
+        replies = self.client.complete([items[k][1] for k in todo], where=[_where(ids, items[k][0]) for k in todo],
+                                       return_exceptions=True)
+        ratings: dict[int, float] = {k: self._known[keys[k]] for k in range(len(items)) if keys[k] in self._known}
+        first_error: RankerError | None = None
+        for k, reply in zip(todo, replies):
+            if isinstance(reply, ChatError):
+                first_error = first_error or RankerError(str(reply))
+                continue
+            rating = parse_rating(reply.text)
             if rating is None:
-                raise RankerError(self._redact(f"{self.key}: {where}: no 1-10 rating in the judge's reply "
-                                               f"{text[:120]!r}"))
-            out.append(rating)
+                first_error = first_error or RankerError(self.client.redact(
+                    f"{self.key}: {_where(ids, items[k][0])}: no 1-10 rating in the judge's reply {reply.text[:120]!r}"))
+                continue
+            ratings[k] = rating
+        if len(prompts) > 1:  # a batch, not the rank stage's one-by-one retry of a failed batch
+            self._known = {keys[k]: v for k, v in ratings.items()}
+        if first_error is not None:
+            raise first_error
+        out, k = [], 0
+        for cands in candidates:
+            out.append([ratings[k + j] for j in range(len(cands))])
+            k += len(cands)
         return out
 
 
