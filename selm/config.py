@@ -154,12 +154,14 @@ class GenerateConfig:
 
 @dataclass
 class RankConfig:
-    kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge"] = "callable"
+    kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge", "llm_pairwise"] = "callable"
     """Ranker type: a Python function ("callable"), a sequence-classification reward model, a pairwise
     preference function aggregated to a ranking, "pairrm" (llm-blender's PairRM, the authors' ranker,
     from a local checkpoint folder in `model`: every ordered pair of candidates compared, score = mean
-    log-odds of beating the others over both orders), or an LLM judge behind an OpenAI-compatible
-    endpoint."""
+    log-odds of beating the others over both orders), an LLM judge behind an OpenAI-compatible
+    endpoint that rates each response 1-10 ("http_judge"), or one that picks the better of two
+    responses ("llm_pairwise": P(A better) from its first token's log-probs where the endpoint returns
+    them; aggregated like "pairwise")."""
     callable: Optional[str] = None
     """For "callable": "module:function" with function(prompt, responses) -> list of floats.
     For "pairwise": "module:function" with function(prompt, a, b) -> P(a beats b)."""
@@ -172,9 +174,9 @@ class RankConfig:
     """Longest (prompt + response) the reward model sees, in its own tokens. PairRM keeps its own
     trained lengths (prompt 1224, each candidate 412 tokens plus what the prompt leaves)."""
     url: Optional[str] = None
-    """For "http_judge": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    """For "http_judge" and "llm_pairwise": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
     judge_model: Optional[str] = None
-    """For "http_judge": the model name sent to the endpoint."""
+    """For "http_judge" and "llm_pairwise": the model name sent to the endpoint."""
     api_key_env: str = "OPENAI_API_KEY"
     """Name of the environment variable that holds the API key (the key itself is never stored)."""
     timeout_s: float = 60.0
@@ -421,6 +423,42 @@ class EvaluateConfig:
 
 
 @dataclass
+class PairwiseEvalConfig:
+    """`selm eval pairwise`: one model against a baseline, judged head to head (not part of a run)."""
+    judge: RankConfig = field(default_factory=lambda: RankConfig(kind="llm_pairwise"))
+    """The judge: "llm_pairwise" (an LLM behind an OpenAI-compatible endpoint that picks A or B; set
+    judge.url and judge.judge_model, the key comes from the variable judge.api_key_env), "pairwise"
+    (a function f(prompt, a, b) -> P(a beats b)), or a pointwise judge of the rank stage (callable,
+    reward_model, pairrm, http_judge) whose higher score wins, equal scores tie. judge.on_error "skip"
+    leaves out the prompts the judge fails on, and counts them."""
+    order: Literal["both", "random"] = "both"
+    """The LLM judge's presentation order: "both" judges every prompt with the model's answer first and
+    again second and averages (cancels position bias; two requests per prompt); "random" shows one
+    order per prompt, drawn with `seed`."""
+    max_new_tokens: int = 512
+    """Longest generated answer, in tokens (when MODEL or BASELINE is a model)."""
+    temperature: float = 0.0
+    """0: greedy answers; > 0: one sample per prompt (seeded with `seed`)."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype for generation."""
+    seed: int = 0
+    """Seed of sampled answers, of the random order and of the bootstrap."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples of prompts for the 95% intervals (the LC interval refits its model on each)."""
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "bootstrap_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pairwise.{name}: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("pairwise.temperature: must be >= 0 (0: greedy)")
+        if self.seed < 0:
+            raise ConfigError("pairwise.seed: must be >= 0")
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed for prompt shuffling, sampling and training."""
@@ -589,7 +627,7 @@ def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: required to run the loop")
-    if cfg.evaluate.enabled and cfg.evaluate.judge.kind in ("pairwise", "pairrm"):
+    if cfg.evaluate.enabled and cfg.evaluate.judge.kind in ("pairwise", "pairrm", "llm_pairwise"):
         # The gold judge scores one response per prompt on an absolute scale; a pairwise judge has
         # nothing to compare a single response with.
         raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
@@ -603,8 +641,8 @@ def check_for_loop(cfg: Config) -> None:
             if name == "evaluate.judge" and not cfg.evaluate.enabled:
                 continue
             raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
-        if rc.kind == "http_judge" and not (rc.url and rc.judge_model):
-            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is 'http_judge'")
+        if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
+            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
         raise ConfigError("generate.num_samples: no candidates to rank (0 samples, y0 not a candidate, no dataset pair)")
 
