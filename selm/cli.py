@@ -182,6 +182,10 @@ def _add_eval_pairwise(evals, flags: dict) -> None:
     p.add_argument("--output", type=Path, default=Path("model_outputs.json"),
                    help="the file to write (default: model_outputs.json)")
     p.add_argument("--name", default=None, help="the generator name in the file (default: from the model's path)")
+    docs, default = field_docs(PairwiseEvalConfig), PairwiseEvalConfig()
+    for name in ("max_new_tokens", "temperature", "batch_size", "dtype", "seed"):  # the generation settings
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"pairwise__{name}", default=None,
+                       help=f"{docs[name]} (default: {getattr(default, name)!r})".replace("%", "%%"))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
@@ -205,10 +209,10 @@ def _dispatch_eval(args) -> int:
         raise InputError(f"selm eval {args.eval_command}: runs as one process")
     cfg = _pairwise_config(args)
     if args.eval_command == "outputs":
-        prompts = outputs.load_eval_prompts(args.prompts)
-        texts, name = pairwise.answers(args.model, "MODEL", prompts, args.prompts, cfg)
         if outputs.resolve_model(args.model, "MODEL") is None:
             raise InputError(f"MODEL: {args.model} is a file of outputs; `selm eval outputs` generates with a model")
+        prompts = outputs.load_eval_prompts(args.prompts)
+        texts, name = pairwise.answers(args.model, "MODEL", prompts, args.prompts, cfg)
         outputs.write_alpaca_outputs(args.output, prompts, texts, args.name or name)
         print(f"{len(texts)} outputs of {args.name or name} -> {args.output}")
         return 0

@@ -269,3 +269,16 @@ def test_prompt_formats_alpaca_json_jsonl_and_ours(tmp_path):
     assert a[0]["prompt"] == [{"role": "user", "content": "Say hi."}] and a[0]["difficulty"] == 0.3
     ours = load_eval_prompts(TINY_PROMPTS)
     assert len(ours) == 32 and ours[0]["instruction"] == "Write one sentence about the weather."
+
+
+def test_cli_outputs_writes_alpaca_model_outputs(tmp_path, tiny_model_dir, capsys):
+    target = tmp_path / "model_outputs.json"
+    argv = ["eval", "outputs", str(tiny_model_dir), "--prompts", str(TINY_PROMPTS), "--max-new-tokens", "6",
+            "--temperature", "1", "--name", "tiny-0", "--output", str(target)]
+    rc, text, _ = _run(argv, capsys)
+    rows = json.loads(target.read_text())
+    assert rc == 0 and text.startswith("32 outputs of tiny-0")
+    assert [r["instruction"] for r in rows] == [p["instruction"] for p in load_eval_prompts(TINY_PROMPTS)]
+    assert all(r["generator"] == "tiny-0" and isinstance(r["output"], str) for r in rows)
+    rc, _, err = _run(["eval", "outputs", str(target), "--prompts", str(TINY_PROMPTS)], capsys)
+    assert rc == 2 and "is a file of outputs" in err[0]

@@ -50,7 +50,12 @@ def _design(len_model, len_baseline, difficulty) -> tuple[np.ndarray, list[str]]
 
 
 def _l1_logistic(C: float):
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        from selm.io import InputError
+
+        raise InputError("the length-controlled win rate needs scikit-learn: pip install 'selm[eval]'") from None
 
     # scikit-learn 1.8 replaced penalty="l1" by l1_ratio=1; older versions only know the former.
     l1 = {"l1_ratio": 1.0} if inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated" \
