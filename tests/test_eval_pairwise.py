@@ -106,7 +106,7 @@ def test_soft_preferences_from_logprobs_both_orders_and_the_key(server, tmp_path
     for i in range(4):
         seen = sorted(shown(b) for b, _ in s.requests if f"good {i}" in shown(b))
         assert seen == [(f"bad answer {i}", f"good {i}"), (f"good {i}", f"bad answer {i}")]
-    assert out["win_rate"]["value"] == pytest.approx(0.8)
+    assert out["win_rate"] == pytest.approx(0.8)
     assert (out["model"], out["baseline"], out["order"]) == ("model", "base-1", "both")
     rows = [json.loads(l) for l in (tmp_path / "out" / "annotations.jsonl").read_text().splitlines()]
     assert [r["model_win"] for r in rows] == pytest.approx([0.8] * 4)
@@ -114,7 +114,7 @@ def test_soft_preferences_from_logprobs_both_orders_and_the_key(server, tmp_path
     assert all(o["soft"] for r in rows for o in r["orders"])
     assert rows[0]["output_1"] == "bad answer 0" and rows[0]["output_2"] == "good 0"
     saved = json.loads((tmp_path / "out" / "pairwise.json").read_text())
-    assert saved["win_rate"] == out["win_rate"] and saved["length_model_mean"] == pytest.approx(6.0)
+    assert saved["win_rate_ci95"] == out["win_rate_ci95"] and saved["length_model_mean"] == pytest.approx(6.0)
     assert "sk-test-123" not in (tmp_path / "out" / "pairwise.json").read_text()
 
 
@@ -122,7 +122,7 @@ def test_position_bias_cancels_over_both_orders(server, tmp_path):
     s = server(lambda body, headers, n: (200, "A", 0))  # always the first shown, no log-probs
     prompts, model, base = files(tmp_path)
     out = run_pairwise(cfg_for(s.url), str(model), str(base), prompts, tmp_path / "out")
-    assert out["win_rate"]["value"] == 0.5 and out["win_rate"]["ties"] == 4
+    assert out["win_rate"] == 0.5 and out["ties"] == 4
     rows = [json.loads(l) for l in (tmp_path / "out" / "annotations.jsonl").read_text().splitlines()]
     assert all([o["p_model"] for o in r["orders"]] == [1.0, 0.0] and not r["orders"][0]["soft"] for r in rows)
 
@@ -145,7 +145,7 @@ def test_hard_verdicts_without_logprobs(server, tmp_path):
     s = server(prefers_good(logprobs=False))
     prompts, model, base = files(tmp_path)
     out = run_pairwise(cfg_for(s.url), str(model), str(base), prompts, tmp_path / "out")
-    assert out["win_rate"]["value"] == 1.0 and out["win_rate"]["wins"] == 4
+    assert out["win_rate"] == 1.0 and out["wins"] == 4
 
 
 def test_malformed_answers_fail_or_are_skipped(server, tmp_path):
@@ -168,7 +168,7 @@ def test_500s_are_retried_then_reported_in_one_line(server, tmp_path, monkeypatc
     prompts, model, base = files(tmp_path, n=1)
     out = run_pairwise(cfg_for(s.url, judge_max_retries=2, judge_max_concurrency=1), str(model), str(base), prompts,
                        tmp_path / "out")
-    assert out["win_rate"]["value"] == pytest.approx(0.8) and len(s.requests) == 4
+    assert out["win_rate"] == pytest.approx(0.8) and len(s.requests) == 4
     down = server(lambda body, headers, n: (500, "down; key sk-secret-9", 0))
     with pytest.raises(RankerError) as e:
         run_pairwise(cfg_for(down.url, judge_max_retries=2), str(model), str(base), prompts, tmp_path / "out2")
@@ -224,10 +224,11 @@ def test_cli_end_to_end_tiny_models_callable_judge(tmp_path, tiny_model_dir, cap
     expected = [0.5 if len(r["output_2"]) == len(r["output_1"]) else float(len(r["output_2"]) > len(r["output_1"]))
                 for r in rows]
     assert [r["model_win"] for r in rows] == expected
-    assert res["win_rate"]["value"] == pytest.approx(sum(expected) / 32)
+    assert res["win_rate"] == pytest.approx(sum(expected) / 32)
+    assert (res["wins"], res["ties"], res["losses"]) == (expected.count(1.0), expected.count(0.5), expected.count(0.0))
     assert res["length_model_mean"] == pytest.approx(sum(len(r["output_2"]) for r in rows) / 32)
-    assert 0 <= res["lc_win_rate"]["value"] <= 1 and res["lc_win_rate"]["ci95"][0] <= res["lc_win_rate"]["ci95"][1]
-    assert f"{100 * res['win_rate']['value']:5.1f}%" in text and "length-controlled (LC)" in text
+    assert 0 <= res["lc_win_rate"] <= 1 and res["lc_win_rate_ci95"][0] <= res["lc_win_rate_ci95"][1]
+    assert f"{100 * res['win_rate']:5.1f}%" in text and "length-controlled (LC)" in text
     # AlpacaEval's format, and it reads back as a file of outputs with the same answers.
     alpaca = json.loads((out / "model_outputs.json").read_text())
     assert set(alpaca[0]) == {"instruction", "output", "generator"}
@@ -240,7 +241,8 @@ def test_cli_end_to_end_tiny_models_callable_judge(tmp_path, tiny_model_dir, cap
     assert _run(argv, capsys)[0] == 0
     assert sorted((tmp_path / "cache" / "outputs").iterdir()) == cache
     again = json.loads((tmp_path / "out2" / "pairwise.json").read_text())
-    assert again["win_rate"] == res["win_rate"] and again["lc_win_rate"]["value"] == res["lc_win_rate"]["value"]
+    assert (again["win_rate"], again["win_rate_ci95"], again["lc_win_rate"]) == \
+        (res["win_rate"], res["win_rate_ci95"], res["lc_win_rate"])
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from selm.evaluation.winrate import C_GRID, lc_win_rate, preference_from_scores, raw_win_rate
+from selm.evaluation.winrate import C_GRID, lc_win_rate
+from selm.stats import outcomes, preference_win_rate
 
 
 def sigmoid(x):
@@ -14,11 +15,11 @@ def sigmoid(x):
 
 
 def test_raw_win_rate_counts_ties_half():
-    r = raw_win_rate([1, 0, 0.5, 1], samples=200)
-    assert r["value"] == pytest.approx(0.625)
-    assert (r["wins"], r["ties"], r["losses"], r["n"]) == (2, 1, 1, 4)
-    assert r["ci95"][0] <= 0.625 <= r["ci95"][1]
-    assert [preference_from_scores(*s) for s in ((2, 1), (1, 2), (3, 3))] == [1.0, 0.0, 0.5]
+    r = preference_win_rate([1, 0, 0.5, 1, 0.7], samples=200)
+    assert r["win_rate"] == pytest.approx(0.64)
+    assert (r["wins"], r["ties"], r["losses"], r["n"]) == (3, 1, 1, 5)
+    assert r["ci95"][0] <= 0.64 <= r["ci95"][1]
+    assert outcomes([2, 1, 3], [1, 2, 3]) == [1.0, 0.0, 0.5]
 
 
 def test_lc_equal_lengths_is_the_mean_preference():
@@ -38,7 +39,7 @@ def test_lc_worked_example_two_length_groups():
     lm = [300] * 10 + [100] * 10
     lb = [200] * 20
     r = lc_win_rate(prefs, lm, lb, C=1e6)
-    assert raw_win_rate(prefs, samples=10)["value"] == pytest.approx(0.7)
+    assert preference_win_rate(prefs, samples=10)["win_rate"] == pytest.approx(0.7)
     assert r["value"] == pytest.approx(0.75, abs=1e-4)
     assert r["coefficients"]["model"] == pytest.approx(math.log(9) / 2, abs=1e-3)
     sd = np.std(np.array(lm) - np.array(lb), ddof=1)
@@ -87,7 +88,7 @@ def test_judge_that_prefers_the_longer_answer_lc_near_half():
     d = lm - lb
     p = sigmoid(4 * np.tanh(d / d.std(ddof=1)))  # only length matters, symmetric around equal lengths
     r = lc_win_rate(p, lm, lb, samples=100)  # the judge's own probabilities
-    assert raw_win_rate(p, samples=10)["value"] > 0.7
+    assert preference_win_rate(p, samples=10)["win_rate"] > 0.7
     assert abs(r["value"] - 0.5) < 0.03, r
     assert r["C"] in C_GRID and r["warning"] is None
     assert r["ci95"][0] <= r["value"] <= r["ci95"][1]

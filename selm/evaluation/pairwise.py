@@ -16,9 +16,9 @@ from selm.config import PairwiseEvalConfig
 from selm.engines.rankers import RankerError, build_ranker
 from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, model_name, read_outputs, resolve_model,
                                      write_alpaca_outputs)
-from selm.evaluation.winrate import lc_win_rate, preference_from_scores, raw_win_rate
+from selm.evaluation.winrate import lc_win_rate
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl
-from selm.stats import mean
+from selm.stats import mean, outcomes, preference_win_rate
 
 KEY = "pairwise.judge"
 
@@ -76,7 +76,7 @@ def _ranker_judgements(ranker, cfg: PairwiseEvalConfig, prompts, model_out, base
             if isinstance(result, str):
                 out.append(result)
                 continue
-            win = result[0] if cfg.judge.kind == "pairwise" else preference_from_scores(*result)
+            win = result[0] if cfg.judge.kind == "pairwise" else outcomes([result[0]], [result[1]])[0]
             out.append({"model_win": float(win), "scores": {"model": result[0], "baseline": result[1]}})
     return out
 
@@ -88,13 +88,18 @@ def judge_all(cfg: PairwiseEvalConfig, prompts, model_out, base_out) -> list[dic
 
 
 def metrics(annotations: list[dict], cfg: PairwiseEvalConfig) -> dict:
+    """Raw and LC win rates (95% bootstrap intervals over prompts) and mean lengths in characters."""
     prefs = [a["model_win"] for a in annotations]
     lm, lb = [len(a["output_2"]) for a in annotations], [len(a["output_1"]) for a in annotations]
     diff = [a.get("instruction_difficulty") for a in annotations]
-    difficulty = diff if diff and all(d is not None for d in diff) else None
-    return {"win_rate": raw_win_rate(prefs, samples=cfg.bootstrap_samples, seed=cfg.seed),
-            "lc_win_rate": lc_win_rate(prefs, lm, lb, difficulty, samples=cfg.bootstrap_samples, seed=cfg.seed),
-            "length_model_mean": mean(lm), "length_baseline_mean": mean(lb), "difficulty_terms": difficulty is not None}
+    difficulty = diff if all(d is not None for d in diff) else None
+    raw = preference_win_rate(prefs, samples=cfg.bootstrap_samples, seed=cfg.seed)
+    lc = lc_win_rate(prefs, lm, lb, difficulty, samples=cfg.bootstrap_samples, seed=cfg.seed)
+    return {"win_rate": raw["win_rate"], "win_rate_ci95": raw["ci95"], "wins": raw["wins"], "ties": raw["ties"],
+            "losses": raw["losses"], "lc_win_rate": lc["value"], "lc_win_rate_ci95": lc["ci95"],
+            "lc_fit": {"C": lc["C"], "coefficients": lc["coefficients"], "difficulty_terms": difficulty is not None,
+                       "warning": lc["warning"]},
+            "length_model_mean": mean(lm), "length_baseline_mean": mean(lb)}
 
 
 def run_pairwise(cfg: PairwiseEvalConfig, model: str, baseline: str, prompts_file: Path, out: Path, *,
@@ -142,17 +147,17 @@ def _annotator(cfg: PairwiseEvalConfig) -> str:
 
 def table(result: dict) -> str:
     """The metrics as a small text table (what the command prints)."""
-    def pct(d: dict) -> str:
-        lo, hi = d["ci95"]
-        ci = f"[{100 * lo:.1f}, {100 * hi:.1f}]" if lo == lo else "[n/a]"
-        return f"{100 * d['value']:5.1f}%  {ci}"
+    def pct(value: float, ci: list) -> str:
+        lo, hi = ci
+        return f"{100 * value:5.1f}%  " + (f"[{100 * lo:.1f}, {100 * hi:.1f}]" if lo == lo else "[n/a]")
 
-    wr = result["win_rate"]
-    skipped = f", {result['skipped']} skipped" if result["skipped"] else ""
-    rows = [f"{result['model']} vs {result['baseline']}  (judge {result['judge']}; {result['judged']} prompts{skipped})",
-            f"  win rate (ties half)     {pct(wr)}   wins {wr['wins']}, ties {wr['ties']}, losses {wr['losses']}",
-            f"  length-controlled (LC)   {pct(result['lc_win_rate'])}",
-            f"  mean length (chars)      model {result['length_model_mean']:.0f}, baseline {result['length_baseline_mean']:.0f}"]
-    if result["lc_win_rate"].get("warning"):
-        rows.append(f"  note: {result['lc_win_rate']['warning']}")
+    r = result
+    skipped = f", {r['skipped']} skipped" if r["skipped"] else ""
+    rows = [f"{r['model']} vs {r['baseline']}  (judge {r['judge']}; {r['judged']} prompts{skipped})",
+            f"  win rate (ties half)     {pct(r['win_rate'], r['win_rate_ci95'])}   "
+            f"wins {r['wins']}, ties {r['ties']}, losses {r['losses']}",
+            f"  length-controlled (LC)   {pct(r['lc_win_rate'], r['lc_win_rate_ci95'])}",
+            f"  mean length (chars)      model {r['length_model_mean']:.0f}, baseline {r['length_baseline_mean']:.0f}"]
+    if r["lc_fit"]["warning"]:
+        rows.append(f"  note: {r['lc_fit']['warning']}")
     return "\n".join(rows)

@@ -1,5 +1,6 @@
-"""Win rates of one model over a baseline from a judge's per-prompt preferences: the raw win rate
-(ties count half) and AlpacaEval 2.0's length-controlled (LC) win rate, with bootstrap intervals.
+"""AlpacaEval 2.0's length-controlled (LC) win rate of one model over a baseline, from a judge's
+per-prompt preferences; the raw win rate is selm.stats.preference_win_rate (the evaluate stage's and
+the reports' too).
 
 A preference is P(model's answer beats the baseline's) in [0, 1]: 1 win, 0 loss, 0.5 tie, or a soft
 value (a judge's probability, or the mean over both presentation orders).
@@ -14,25 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from selm.stats import bootstrap_ci, mean
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 10))
 """Inverse L1 strengths tried by the cross-validation (scikit-learn's default grid for Cs=10)."""
 FOLDS = 5
-
-
-def preference_from_scores(model: float, baseline: float) -> float:
-    """A pointwise judge's two scores -> a preference: the higher score wins, equal scores tie."""
-    return 0.5 if model == baseline else float(model > baseline)
-
-
-def raw_win_rate(preferences: Sequence[float], *, samples: int = 1000, seed: int = 0) -> dict:
-    """Mean preference (ties and soft preferences count as they are) with a bootstrap 95% interval over
-    prompts, and the counts of wins (> 0.5), ties (= 0.5) and losses (< 0.5)."""
-    p = [float(x) for x in preferences]
-    lo, hi = bootstrap_ci(p, samples=samples, seed=seed)
-    return {"value": mean(p), "ci95": [lo, hi], "wins": sum(x > 0.5 for x in p),
-            "ties": sum(x == 0.5 for x in p), "losses": sum(x < 0.5 for x in p), "n": len(p)}
 
 
 def _design(len_model, len_baseline, difficulty) -> tuple[np.ndarray, list[str]]:
