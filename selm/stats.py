@@ -22,6 +22,22 @@ def bootstrap_ci(values: Sequence[float], *, samples: int, seed: int = 0, level:
     return (lo, hi)
 
 
+def grouped_bootstrap_ci(groups: Sequence[Sequence[float]], *, samples: int, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the pooled mean of grouped values (e.g. the ratings of each
+    question's turns), resampling whole groups: the unit of sampling is the group, not the value."""
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = []
+    for _ in range(samples):
+        picked = [groups[rng.randrange(len(groups))] for _ in groups]
+        means.append(sum(map(sum, picked)) / sum(map(len, picked)))
+    means.sort()
+    return (means[int((1 - level) / 2 * (samples - 1))], means[int((1 + level) / 2 * (samples - 1))])
+
+
 def outcomes(a: Sequence[float], b: Sequence[float], tol: float = 0.0) -> list[float]:
     """Per-prompt outcome of a vs b: 1 win, 0.5 tie (|a-b| <= tol), 0 loss."""
     if len(a) != len(b):

@@ -17,6 +17,8 @@ ZERO_OK = {
     "pair.min_margin": [], "pair.missing_eos_penalty": [], "train.alpha": [], "train.warmup_ratio": [],
     "train.weight_decay": [], "train.adam_beta1": [], "train.adam_beta2": [], "train.max_grad_norm": [],
     "train.save_every_steps": [], "evaluate.temperature": [], "train.lora.r": [], "train.lora.dropout": [],
+    "mtbench.temperature": [], "mtbench.max_retries": [],
+    "pairwise.temperature": [], "pairwise.seed": [], "pairwise.judge.max_retries": [],
 }
 
 

@@ -218,3 +218,15 @@ def test_bad_arguments():
         ChatClient("http://x", "m", max_concurrency=0)
     assert ChatClient("http://x/v1/chat/completions/", "m").endpoint == "http://x/v1/chat/completions"
     assert ChatClient("http://x", "m").complete([]) == []
+
+
+def test_ctrl_c_returns_at_once_without_waiting_for_requests_in_flight(serve):
+    import _thread
+    import threading
+
+    server = serve(lambda body, headers, n: (200, "late", 5.0))
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        _client(server.url, timeout_s=30).complete([_msgs(i) for i in range(4)])
+    assert time.perf_counter() - t0 < 2.0  # not the 5 s the server takes, nor the 30 s timeout

@@ -7,7 +7,7 @@
 
 Each item is a message list (sent as ``{"model", "messages", **params}``) or a whole request body
 (a dict with "messages"; its own fields win over ``params``). At most ``max_concurrency`` requests
-are in flight at once (threads). With ``logprobs=True, top_logprobs=k`` a reply also carries the
+are in flight at once (daemon threads). With ``logprobs=True, top_logprobs=k`` a reply also carries the
 first generated token's top-k log-probabilities (a judge's soft preference).
 
 Failures: timeouts, connection errors, malformed replies, 429 and 5xx are retried up to
@@ -33,7 +33,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -161,22 +160,40 @@ class ChatClient:
             return []
         stop = threading.Event()
         results: list[Reply | ChatError | None] = [None] * len(bodies)
+        crashed: list[BaseException] = []
+        pending = iter(range(len(bodies)))
+        take = threading.Lock()
 
-        def run(i: int) -> None:
-            try:
-                results[i] = self._send(bodies[i], labels[i], stop)
-            except ChatError as e:
-                results[i] = e
-                if not return_exceptions:
-                    stop.set()  # the batch has failed: start nothing new, retry nothing
+        def worker() -> None:
+            while not stop.is_set():
+                with take:
+                    i = next(pending, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = self._send(bodies[i], labels[i], stop)
+                except ChatError as e:
+                    results[i] = e
+                    if not return_exceptions:
+                        stop.set()  # the batch has failed: start nothing new, retry nothing
+                except BaseException as e:  # a bug: re-raised in the caller's thread
+                    crashed.append(e)
+                    stop.set()
 
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies)), thread_name_prefix="selm-chat")
+        # Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the caller returns at once instead of
+        # waiting up to timeout_s for requests in flight (a pool's threads are joined at exit).
+        threads = [threading.Thread(target=worker, name=f"selm-chat-{k}", daemon=True)
+                   for k in range(min(self.max_concurrency, len(bodies)))]
         try:
-            for f in [pool.submit(run, i) for i in range(len(bodies))]:
-                f.result()
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
         finally:
             stop.set()  # also on Ctrl-C: waiting threads give up, sleeping ones wake
-            pool.shutdown(wait=True, cancel_futures=True)
+        if crashed:
+            raise crashed[0]
         if not return_exceptions:
             failed = [r for r in results if isinstance(r, ChatError)]
             # A request given up because another failed first is not the news: the other one is.

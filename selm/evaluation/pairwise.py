@@ -14,7 +14,7 @@ from pathlib import Path
 
 from selm.config import PairwiseEvalConfig
 from selm.engines.rankers import RankerError, build_ranker
-from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, model_name, read_outputs, resolve_model,
+from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, read_outputs, resolve_model,
                                      write_alpaca_outputs)
 from selm.evaluation.winrate import lc_win_rate
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl
@@ -25,13 +25,14 @@ KEY = "pairwise.judge"
 
 def answers(source: str, flag: str, prompts: list[dict], prompts_file: Path, cfg: PairwiseEvalConfig) -> tuple[list[str], str]:
     """(one answer per prompt, the generator's name) from an outputs file or by generating (cached)."""
-    folder = resolve_model(source, flag)
-    if folder is None:
+    model = resolve_model(source, flag)
+    if model is None:
         return read_outputs(source, prompts, flag)
+    folder, name = model
     settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "batch_size": cfg.batch_size,
                 "dtype": cfg.dtype, "seed": cfg.seed}
-    texts, cached = generate_outputs(folder, prompts, prompts_file, settings, progress=f"{flag}: generate")
-    return texts, model_name(source, folder)
+    texts, _ = generate_outputs(folder, prompts, prompts_file, settings, progress=f"{flag}: generate")
+    return texts, name
 
 
 def _llm_judgements(ranker, cfg: PairwiseEvalConfig, prompts, model_out, base_out) -> list[dict | str]:
