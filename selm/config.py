@@ -651,6 +651,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            # A section given in part starts from the field's own default (pairwise.judge is an
+            # llm_pairwise RankConfig), not from a bare instance of its class.
+            f = next(f for f in dataclasses.fields(cls) if f.name == k)
+            if f.default_factory is not dataclasses.MISSING:
+                v = {**dataclasses.asdict(f.default_factory()), **v}
         kwargs[k] = _coerce(v, hints[k], key)
     try:
         return cls(**kwargs)

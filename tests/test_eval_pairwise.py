@@ -284,3 +284,15 @@ def test_cli_outputs_writes_alpaca_model_outputs(tmp_path, tiny_model_dir, capsy
     assert all(r["generator"] == "tiny-0" and isinstance(r["output"], str) for r in rows)
     rc, _, err = _run(["eval", "outputs", str(target), "--prompts", str(TINY_PROMPTS)], capsys)
     assert rc == 2 and "is a file of outputs" in err[0]
+
+
+def test_a_judge_given_in_part_keeps_the_llm_pairwise_default():
+    from selm.cli import _pairwise_config, build_parser
+    from selm.config import load_config
+
+    assert load_config(None, ["pairwise.judge.url=http://x/v1"]).pairwise.judge.kind == "llm_pairwise"
+    assert load_config(None, ["evaluate.judge.url=http://x/v1"]).evaluate.judge.kind == "callable"
+    args = build_parser().parse_args(["eval", "pairwise", "m", "--baseline", "b", "--prompts", "p",
+                                      "--judge-url", "http://x/v1", "--judge-judge-model", "j"])
+    judge = _pairwise_config(args).judge
+    assert (judge.kind, judge.url, judge.judge_model) == ("llm_pairwise", "http://x/v1", "j")
