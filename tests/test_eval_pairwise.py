@@ -17,6 +17,7 @@ from selm.cli import main
 from selm.config import PairwiseEvalConfig, RankConfig
 from selm.engines.llm_pairwise import LLMPairwiseRanker, parse_verdict, probability_of_a
 from selm.engines.rankers import RankerError
+from selm.io import InputError
 from selm.evaluation.outputs import load_eval_prompts
 from selm.evaluation.pairwise import run_pairwise
 
@@ -296,3 +297,21 @@ def test_a_judge_given_in_part_keeps_the_llm_pairwise_default():
                                       "--judge-url", "http://x/v1", "--judge-judge-model", "j"])
     judge = _pairwise_config(args).judge
     assert (judge.kind, judge.url, judge.judge_model) == ("llm_pairwise", "http://x/v1", "j")
+
+
+def test_model_sources_run_folder_iter_k_and_files(tmp_path, tiny_model_dir):
+    import shutil
+
+    from selm.evaluation.outputs import resolve_model
+
+    run = tmp_path / "run"
+    for t in (1, 2):
+        shutil.copytree(tiny_model_dir, run / f"iter_{t}" / "train" / "model")
+    (run / "iter_1" / "train" / "DONE.json").write_text("{}")  # iteration 2 did not finish
+    assert resolve_model(str(run), "MODEL") == (run / "iter_1" / "train" / "model", "run/iter_1")
+    assert resolve_model(str(run / "iter_2"), "MODEL") == (run / "iter_2" / "train" / "model", "run/iter_2")
+    assert resolve_model(str(tiny_model_dir), "MODEL")[0] == tiny_model_dir
+    (tmp_path / "answers.jsonl").write_text("{}\n")
+    assert resolve_model(str(tmp_path / "answers.jsonl"), "MODEL") is None
+    with pytest.raises(InputError, match=r"^--baseline: .*not a model folder"):
+        resolve_model(str(tmp_path), "--baseline")
