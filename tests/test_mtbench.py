@@ -257,3 +257,17 @@ def test_tiny_by_name_goes_under_runs(tmp_path, questions, judge, monkeypatch, c
     (scores,) = (tmp_path / "runs" / "tiny" / "eval" / "mtbench").glob("*/judge-j-*/scores.json")
     assert json.loads(scores.read_text())["model_id"] == "tiny"
     assert capsys.readouterr().out.splitlines()[-1] == f"scores: {scores.relative_to(tmp_path)}"
+
+
+def test_help_documents_every_mtbench_option(capsys):
+    from selm.config import describe_options
+
+    with pytest.raises(SystemExit):
+        main(["eval", "mtbench", "--help"])
+    text = capsys.readouterr().out
+    keys = [(k.split(".", 1)[1], doc) for k, _, _, doc in describe_options() if k.startswith("mtbench.")]
+    assert len(keys) == 12
+    for name, doc in keys:
+        assert f"--{name.replace('_', '-')}" in text and doc.split()[0] in text, name
+    for flag in ("--answers", "--config", "--output-dir", "--set", "model"):
+        assert flag in text

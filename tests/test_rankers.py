@@ -216,11 +216,11 @@ def test_http_judge_rates_and_sends_the_key_only_when_set(judge_server, monkeypa
                                 api_key_env="SELM_TEST_JUDGE_KEY"))
     scores = r.score([P], [["a", "bb"]])
     assert all(1 <= s <= 10 for s in scores[0]) and scores[0][0] != scores[0][1]
-    # The two requests are in flight together: the server may see either first.
-    assert all(b["model"] == "judge-1" and b["temperature"] == 0 for b, _ in server.requests)
-    assert all("Authorization" not in h for _, h in server.requests)
-    assert sorted(b["messages"][1]["content"].split("[Assistant's response to rate]\n")[1] for b, _ in server.requests) \
-        == ["a\n[End of response]", "bb\n[End of response]"]
+    # The two ratings are requested concurrently: they may reach the server in either order.
+    assert all(b["model"] == "judge-1" and b["temperature"] == 0 and "Authorization" not in h
+               for b, h in server.requests)
+    assert sorted("[Assistant's response to rate]\na\n" in b["messages"][1]["content"]
+                  for b, _ in server.requests) == [False, True]
     monkeypatch.setenv("SELM_TEST_JUDGE_KEY", "sk-test-secret")
     r.score([P], [["a"]])
     assert server.requests[-1][1]["Authorization"] == "Bearer sk-test-secret"

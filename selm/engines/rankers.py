@@ -416,8 +416,9 @@ class HttpJudgeRanker(Ranker):
                 continue
             rating = parse_rating(reply.text)
             if rating is None:
+                where = _where(ids, items[k][0])
                 first_error = first_error or RankerError(self.client.redact(
-                    f"{self.key}: {_where(ids, items[k][0])}: no 1-10 rating in the judge's reply {reply.text[:120]!r}"))
+                    f"{self.key}: {where}: no 1-10 rating in the judge's reply {reply.text[:120]!r}"))
                 continue
             ratings[k] = rating
         if len(prompts) > 1:  # a batch, not the rank stage's one-by-one retry of a failed batch

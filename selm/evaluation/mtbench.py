@@ -11,7 +11,8 @@ Output folder (``--output-dir``, default ``<model folder or run folder>/eval/mtb
     answers/answers.jsonl   FastChat-like {"question_id", "category", "model_id", "choices": [{"index": 0,
                             "turns": [a1, a2]}], "num_tokens", "finished"}; DONE.json holds the key
     judge-<name>-<key>/     judgments.jsonl ({"question_id", "category", "turn", "score" (null: no
-                            rating), "judgment", "judge"}), scores.json, DONE.json last
+                            rating), "judgment", "finish_reason" ("length": cut at judge_max_tokens),
+                            "judge"}), scores.json, DONE.json last
 
 The answers are keyed by (model identity: its folder and its files' sizes and mtimes, or the answers
 file's hash; the question file's hash; the generation settings), so judging again with another
@@ -43,7 +44,8 @@ JUDGE_SYSTEM = (
     "your rating as a whole number from 1 to 10 in double square brackets on the last line, e.g. "
     "Rating: [[6]]"
 )
-FIRST_TURN = "Rate the assistant's answer to the question.\n\n[Question]\n{q1}\n{ref}\n[Assistant's answer]\n{a1}\n[End of answer]"
+FIRST_TURN = ("Rate the assistant's answer to the question.\n\n[Question]\n{q1}\n{ref}\n[Assistant's answer]\n{a1}\n"
+              "[End of answer]")
 SECOND_TURN = (
     "Below is a two-turn conversation. Rate ONLY the assistant's second answer, in the context of the "
     "whole conversation (the second question may build on the first answer).\n\n[User, turn 1]\n{q1}\n\n"
@@ -76,9 +78,11 @@ def load_questions(path: str | Path) -> list[Question]:
         if qid in seen:
             raise InputError(f"{where}: duplicate question_id {qid!r}")
         seen.add(qid)
-        if not (isinstance(turns, list) and len(turns) == TURNS and all(isinstance(t, str) and t.strip() for t in turns)):
+        if not (isinstance(turns, list) and len(turns) == TURNS
+                and all(isinstance(t, str) and t.strip() for t in turns)):
             raise InputError(f"{where}: turns: expected a list of {TURNS} non-empty strings (question_id {qid!r})")
-        if ref is not None and not (isinstance(ref, list) and len(ref) <= TURNS and all(isinstance(r, str) for r in ref)):
+        if ref is not None and not (isinstance(ref, list) and len(ref) <= TURNS
+                                    and all(isinstance(r, str) for r in ref)):
             raise InputError(f"{where}: reference: expected a list of up to {TURNS} strings (question_id {qid!r})")
         category = rec.get("category", "general")
         if not isinstance(category, str) or not category:
@@ -105,7 +109,8 @@ def load_answers(path: str | Path, questions: list[Question]) -> dict[Any, list[
         answers[rec["question_id"]] = turns
     missing = [q.question_id for q in questions if q.question_id not in answers]
     if missing:
-        raise InputError(f"{path}: no answer for question_id {missing[0]!r} ({len(missing)} of {len(questions)} missing)")
+        raise InputError(f"{path}: no answer for question_id {missing[0]!r} "
+                         f"({len(missing)} of {len(questions)} missing)")
     return answers
 
 
@@ -247,7 +252,8 @@ def judge_answers(cfg: Config, questions: list[Question], answers: dict[Any, lis
                               where=[f"question_id {q.question_id!r}, turn {t}" for q, t in cells],
                               temperature=0, max_tokens=m.judge_max_tokens)
     return [{"question_id": q.question_id, "category": q.category, "turn": t,
-             "score": parse_judge_rating(r.text), "judgment": r.text, "judge": m.judge_model}
+             "score": parse_judge_rating(r.text), "judgment": r.text, "finish_reason": r.finish_reason,
+             "judge": m.judge_model}
             for (q, t), r in zip(cells, replies)]
 
 
@@ -260,8 +266,8 @@ def summarize(judgments: list[dict], *, samples: int, seed: int) -> dict:
         for r in rows:
             if r["score"] is not None:
                 by_q.setdefault(r["question_id"], []).append(r["score"])
-        return {"mean": mean(scores), "ci95": list(grouped_bootstrap_ci(list(by_q.values()), samples=samples, seed=seed)),
-                "n": len(scores), "failed_parses": len(rows) - len(scores)}
+        ci = grouped_bootstrap_ci(list(by_q.values()), samples=samples, seed=seed)
+        return {"mean": mean(scores), "ci95": list(ci), "n": len(scores), "failed_parses": len(rows) - len(scores)}
 
     turns = {str(t): block([r for r in judgments if r["turn"] == t]) for t in range(1, TURNS + 1)}
     categories = {}
