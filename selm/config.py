@@ -424,7 +424,7 @@ class EvaluateConfig:
 
 @dataclass
 class PairwiseEvalConfig:
-    """`selm eval pairwise`: one model against a baseline, judged head to head (not part of a run)."""
+    """`selm eval pairwise`: one model against a baseline, judged head to head (the loop does not read it)."""
     judge: RankConfig = field(default_factory=lambda: RankConfig(kind="llm_pairwise"))
     """The judge: "llm_pairwise" (an LLM behind an OpenAI-compatible endpoint that picks A or B; set
     judge.url and judge.judge_model, the key comes from the variable judge.api_key_env), "pairwise"
@@ -793,17 +793,18 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, config_to_yaml(cfg))
 
 
-def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, doc) for every leaf field: used by --help and the docs."""
+def describe_options(cls: type = Config, prefix: str = "", default_obj: Any = None) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every leaf field: used by --help and the docs. A nested
+    section shows its parent's default for it (pairwise.judge is an llm_pairwise RankConfig)."""
     rows = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    default_obj = cls()
+    default_obj = cls() if default_obj is None else default_obj
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe_options(tp, key + "."))
+            rows.extend(describe_options(tp, key + ".", getattr(default_obj, f.name)))
             continue
         rows.append((key, _type_name(tp), repr(getattr(default_obj, f.name)), docs.get(f.name, "")))
     return rows

@@ -289,8 +289,10 @@ def test_cli_outputs_writes_alpaca_model_outputs(tmp_path, tiny_model_dir, capsy
 
 def test_a_judge_given_in_part_keeps_the_llm_pairwise_default():
     from selm.cli import _pairwise_config, build_parser
-    from selm.config import load_config
+    from selm.config import describe_options, load_config
 
+    defaults = {key: default for key, _, default, _ in describe_options()}
+    assert (defaults["pairwise.judge.kind"], defaults["evaluate.judge.kind"]) == ("'llm_pairwise'", "'callable'")
     assert load_config(None, ["pairwise.judge.url=http://x/v1"]).pairwise.judge.kind == "llm_pairwise"
     assert load_config(None, ["evaluate.judge.url=http://x/v1"]).evaluate.judge.kind == "callable"
     args = build_parser().parse_args(["eval", "pairwise", "m", "--baseline", "b", "--prompts", "p",
