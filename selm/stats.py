@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -45,12 +45,26 @@ def outcomes(a: Sequence[float], b: Sequence[float], tol: float = 0.0) -> list[f
     return [0.5 if abs(x - y) <= tol else float(x > y) for x, y in zip(a, b)]
 
 
+def head_to_head(model: Mapping[Any, Mapping], baseline: Mapping[Any, Mapping], ids: Sequence,
+                 key: str = "gold") -> list[float]:
+    """Per-prompt outcomes of two evaluations' rows (keyed by prompt id) on the score `key`, for `ids`
+    in that order: 1 the model's score is higher, 0.5 equal, 0 lower."""
+    return outcomes([model[i][key] for i in ids], [baseline[i][key] for i in ids])
+
+
+def preference_win_rate(preferences: Sequence[float], *, samples: int, seed: int = 0) -> dict:
+    """Mean of per-prompt preferences P(model beats baseline) (1 win, 0.5 tie, 0 loss, or a judge's
+    soft value in between) with a bootstrap 95% interval over prompts; wins/ties/losses count the
+    preferences above, at and below 0.5."""
+    o = [float(x) for x in preferences]
+    lo, hi = bootstrap_ci(o, samples=samples, seed=seed)
+    return {"win_rate": mean(o), "ci95": [lo, hi], "wins": sum(x > 0.5 for x in o),
+            "ties": sum(x == 0.5 for x in o), "losses": sum(x < 0.5 for x in o), "n": len(o)}
+
+
 def win_rate(a: Sequence[float], b: Sequence[float], *, samples: int, seed: int = 0) -> dict:
     """Win rate of a over b (ties count half) with a bootstrap 95% interval over prompts."""
-    o = outcomes(a, b)
-    lo, hi = bootstrap_ci(o, samples=samples, seed=seed)
-    return {"win_rate": mean(o), "ci95": [lo, hi], "wins": sum(x == 1 for x in o),
-            "ties": sum(x == 0.5 for x in o), "losses": sum(x == 0 for x in o), "n": len(o)}
+    return preference_win_rate(outcomes(a, b), samples=samples, seed=seed)
 
 
 def hierarchical_ci(groups: Sequence[Sequence], *, samples: int, seed: int = 0,

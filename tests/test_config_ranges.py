@@ -19,6 +19,7 @@ ZERO_OK = {
     "train.save_every_steps": [], "evaluate.temperature": [], "train.lora.r": [], "train.lora.dropout": [],
     "mtbench.temperature": [], "mtbench.max_retries": [],
     "report.exploration_prompts": [],
+    "pairwise.temperature": [], "pairwise.seed": [], "pairwise.judge.max_retries": [],
 }
 
 

@@ -1,6 +1,6 @@
 """Rankers: score each prompt's candidate responses (higher = better).
 
-One interface, five implementations chosen by ``RankConfig.kind``::
+One interface, six implementations chosen by ``RankConfig.kind``::
 
     ranker = build_ranker(cfg.rank, key="rank")
     scores = ranker.score(prompts, candidates)   # prompts: list of message lists (ending with a user
@@ -19,6 +19,8 @@ One interface, five implementations chosen by ``RankConfig.kind``::
                   each response 1-10, many requests in flight at once (selm/engines/llm_client.py; the
                   API key is read from the environment at call time and never stored, logged or put
                   in an error message).
+- "llm_pairwise": an LLM judge behind the same kind of endpoint that picks the better of two
+                  responses, aggregated like "pairwise" (selm/engines/llm_pairwise.py).
 
 Every ranker's output is checked: one finite score per candidate, else ``RankerError`` naming the
 prompt. Errors are one line that starts with the config key ("rank" or "evaluate.judge").
@@ -383,7 +385,7 @@ class HttpJudgeRanker(Ranker):
         from selm.engines.llm_client import ChatClient, ChatError
 
         if not cfg.url or not cfg.judge_model:
-            raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is 'http_judge'")
+            raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is {cfg.kind!r}")
         try:
             self.client = ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
                                      max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
@@ -436,6 +438,10 @@ RANKERS = {"callable": CallableRanker, "reward_model": RewardModelRanker, "pairw
 
 def build_ranker(cfg: RankConfig, key: str = "rank") -> Ranker:
     """The ranker for ``cfg.kind``; ``key`` ("rank", "evaluate.judge") prefixes its error messages."""
+    if cfg.kind == "llm_pairwise":  # its module builds on this one's classes
+        from selm.engines.llm_pairwise import LLMPairwiseRanker
+
+        return LLMPairwiseRanker(cfg, key)
     if cfg.kind not in RANKERS:
         raise RankerError(f"{key}.kind: unknown ranker {cfg.kind!r}; one of {', '.join(RANKERS)}")
     return RANKERS[cfg.kind](cfg, key)

@@ -15,7 +15,7 @@ from pathlib import Path
 from selm import dist
 from selm.config import Config
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, mark_done, read_jsonl
-from selm.stats import bootstrap_ci, mean, win_rate
+from selm.stats import bootstrap_ci, head_to_head, mean, preference_win_rate
 
 
 def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
@@ -35,11 +35,12 @@ def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]
 
 def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> dict:
     """Win rate of `rows` over the baseline's generations, matched by prompt_id."""
-    base = {r["prompt_id"]: r["gold"] for r in read_jsonl(baseline_dir / "generations.jsonl")}
+    base = {r["prompt_id"]: r for r in read_jsonl(baseline_dir / "generations.jsonl")}
     missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in base]
     if missing:
         raise InputError(f"{baseline_dir}/generations.jsonl: no response for prompt_id {missing[0]}")
-    return win_rate([r["gold"] for r in rows], [base[r["prompt_id"]] for r in rows], samples=samples, seed=seed)
+    ids = [r["prompt_id"] for r in rows]
+    return preference_win_rate(head_to_head({r["prompt_id"]: r for r in rows}, base, ids), samples=samples, seed=seed)
 
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from selm.io import atomic_write_text, read_json, read_jsonl
-from selm.stats import hierarchical_ci, mean, outcomes
+from selm.stats import head_to_head, hierarchical_ci, mean
 from selm.studies.findings import alpha_differences, findings, findings_lines, sweep_headline
 from selm.studies.study import arm_configs, load_study
 
@@ -44,7 +44,7 @@ def collect(out: Path) -> dict:
                 if cur is None or start is None:
                     continue
                 ids = sorted(cur)
-                wins.append(outcomes([cur[i]["gold"] for i in ids], [start[i]["gold"] for i in ids]))
+                wins.append(head_to_head(cur, start, ids))
                 golds.append([cur[i]["gold"] for i in ids])
                 lengths.append([cur[i]["length_tokens"] for i in ids])
                 cut.append([float(not cur[i].get("finished", True)) for i in ids])
@@ -65,7 +65,7 @@ def collect(out: Path) -> dict:
                 a, b = _eval_rows(out / "selm" / f"seed_{s}", t), _eval_rows(out / "dpo" / f"seed_{s}", t)
                 if a and b:
                     ids = sorted(a)
-                    groups.append(outcomes([a[i]["gold"] for i in ids], [b[i]["gold"] for i in ids]))
+                    groups.append(head_to_head(a, b, ids))
             h2h.append(_summary(groups, samples))
         data["head_to_head"] = h2h
         data["examples"] = _examples(out, seeds[0], T)

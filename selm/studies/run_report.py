@@ -12,7 +12,7 @@ from pathlib import Path
 
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
-from selm.stats import outcomes
+from selm.stats import head_to_head
 from selm.studies.exploration_report import run_section
 from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, pyplot,
                                  training_curves)
@@ -36,9 +36,9 @@ def collect_run(out: Path) -> dict:
         row["gold"] = group([cur[i]["gold"] for i in ids])
         row["length"] = group([cur[i]["length_tokens"] for i in ids])
         row["cut_off"] = group([float(not cur[i].get("finished", True)) for i in ids])
-        row["win_vs_start"] = group(outcomes([cur[i]["gold"] for i in ids], [start[i]["gold"] for i in ids])
+        row["win_vs_start"] = group(head_to_head(cur, start, ids)
                                     if start and ids else [])
-        row["win_vs_previous"] = group(outcomes([cur[i]["gold"] for i in ids], [prev[i]["gold"] for i in ids])
+        row["win_vs_previous"] = group(head_to_head(cur, prev, ids)
                                        if prev and ids and t > 0 else [])
         row["gold_all"] = [cur[i]["gold"] for i in ids]
         rows.append(row)
