@@ -48,6 +48,11 @@ def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentP
     return p
 
 
+# A judge section's flags read like `selm eval mtbench`'s: --judge-model is the LLM judge's name (not
+# --judge-judge-model), so the reward model's folder is --judge-reward-model.
+JUDGE_FLAGS = {"judge_model": "model", "model": "reward_model"}
+
+
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, flag_prefix: str = "",
                          default=None) -> None:
     """One --flag per field of a config section, documented from the field docstrings; a nested
@@ -64,7 +69,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
             _add_dataclass_flags(p, hints[f.name], f"{section}__{f.name}", f"{flag_prefix}{f.name}-",
                                  getattr(default, f.name))
             continue
-        flag = f"--{flag_prefix}{f.name.replace('_', '-')}"
+        flag = f"--{flag_prefix}{JUDGE_FLAGS.get(f.name, f.name) if flag_prefix == 'judge-' else f.name}".replace("_", "-")
         if section == "model":
             flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
 

@@ -296,7 +296,7 @@ def test_a_judge_given_in_part_keeps_the_llm_pairwise_default():
     assert load_config(None, ["pairwise.judge.url=http://x/v1"]).pairwise.judge.kind == "llm_pairwise"
     assert load_config(None, ["evaluate.judge.url=http://x/v1"]).evaluate.judge.kind == "callable"
     args = build_parser().parse_args(["eval", "pairwise", "m", "--baseline", "b", "--prompts", "p",
-                                      "--judge-url", "http://x/v1", "--judge-judge-model", "j"])
+                                      "--judge-url", "http://x/v1", "--judge-model", "j"])
     judge = _pairwise_config(args).judge
     assert (judge.kind, judge.url, judge.judge_model) == ("llm_pairwise", "http://x/v1", "j")
 

@@ -21,7 +21,6 @@ judge reuses them, and a finished judge folder is not asked again.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 from selm.config import Config, ModelConfig
 from selm.io import (InputError, atomic_write_json, atomic_write_jsonl, ensure_stage, iter_jsonl, mark_done,
                      read_json, read_jsonl, sha256_file, sha256_json)
-from selm.stats import bootstrap_ci, grouped_bootstrap_ci, mean
+from selm.stats import grouped_bootstrap_ci, mean
 
 PACKAGED_QUESTIONS = Path(__file__).resolve().parent.parent / "data" / "mtbench_questions.jsonl"
 TURNS = 2
