@@ -111,7 +111,7 @@ def test_a_byte_order_mark_is_not_an_error(tmp_path):
     ("bogus.x=1", "bogus: unknown key"),
     ("train.beta=abc", "train.beta: expected a number, got 'abc'"),
     ("train.epochs=1.5", "train.epochs: expected an integer, got 1.5"),
-    ("train.bf16=maybe", "train.bf16: expected true/false, got 'maybe'"),
+    ("train.bf16=maybe", "train.bf16: expected true|false|auto, got 'maybe'"),
     ("train.loss=hinge", "train.loss: 'hinge' is not one of 'sigmoid', 'ipo'"),
     ("train=3", "train: expected a mapping, got 3"),
     ("loop.learning_rates=[1e-6]", "loop.learning_rates: has 1 values, loop.iterations is 2"),

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from selm.objective.logprobs import (COLLATORS, ResponseLogps, TokenizedExample,
                                      tokenize_pairs)
 from selm.objective.losses import preference_objective
 from selm.models import enable_checkpointing, load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
+from selm.precision import describe as describe_precision, use_bf16
 
 METRICS = "metrics.jsonl"
 PARTIAL = METRICS + ".partial"  # metrics.jsonl while training runs; renamed when the stage is done
@@ -96,10 +98,10 @@ def micro_batches(step_examples: list[int], rank: int, world: int, batch_size: i
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def autocast_dtype(tc: TrainConfig) -> torch.dtype | None:
-    """The precision training's forwards autocast to (None: the weights' own). Anything scoring log-
-    probs to compare with training's uses it too."""
-    return torch.bfloat16 if tc.bf16 else None
+def autocast_dtype(tc: TrainConfig, device) -> torch.dtype | None:
+    """The precision training's forwards on `device` autocast to (None: the weights' own). Anything
+    scoring log-probs to compare with training's uses it too."""
+    return torch.bfloat16 if use_bf16(tc.bf16, device) else None
 
 
 def _model_fingerprint(path: Path) -> dict:
@@ -108,14 +110,14 @@ def _model_fingerprint(path: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files} | {"path": str(path.resolve())}
 
 
-def _reference_key(ref_path: Path, pairs_path: Path, cfg: Config) -> str:
+def _reference_key(ref_path: Path, pairs_path: Path, cfg: Config, device) -> str:
     """Hash of everything the reference log-probs depend on: the reference model's files, the data,
     tokenisation, which responses are scored, layout and precision."""
     tc = cfg.train
     return sha256_json({
         "ref": _model_fingerprint(ref_path), "data": sha256_file(pairs_path) if Path(pairs_path).is_file() else str(pairs_path),
         "max_length": tc.max_length, "max_prompt_length": tc.max_prompt_length, "explore": tc.alpha > 0,
-        "layout": tc.layout, "bf16": tc.bf16, "dtype": cfg.model.dtype,
+        "layout": tc.layout, "bf16": use_bf16(tc.bf16, device), "dtype": cfg.model.dtype,
     })
 
 
@@ -129,7 +131,7 @@ def reference_logps(module: ResponseLogps, ref_model_path: Path | None, examples
         ref_model = load_causal_lm(Path(ref_model_path), cfg.model.dtype, cfg.model.trust_remote_code).to(device)
         module = ResponseLogps(ref_model)
     return score_logps(module, examples, batch_size=cfg.train.ref_batch_size, collate=collate, pad_id=pad_id,
-                       device=device, autocast_dtype=autocast_dtype(cfg.train), indices=indices,
+                       device=device, autocast_dtype=autocast_dtype(cfg.train, device), indices=indices,
                        num_batches=num_batches, progress="reference log-probs" if dist.is_main() else None)
 
 
@@ -305,7 +307,7 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
         last = j == len(micros) - 1
         accelerator.sync_gradients = last
         with accelerator.no_sync(module) if not last else nullcontext():
-            with autocast(device, autocast_dtype(tc)):
+            with autocast(device, autocast_dtype(tc, device)):
                 logps = batch_logps(module, batch)  # kind -> (B,)
             refs = {k: data.ref[k][idx].to(device) for k in logps}
             out = preference_objective(logps, refs, loss=tc.loss, explore=tc.explore, beta=tc.beta, alpha=tc.alpha)
@@ -502,6 +504,8 @@ def run_train(
     if ref_model_path is not None and _sharded(accelerator):
         raise InputError("--ref-model / train.reference=initial: a separate reference model is not supported under "
                          "ZeRO-3/FSDP yet; train without it (the start model is the reference) or with DDP")
+    if tc.bf16 == "auto" and accelerator.is_main_process:
+        print(f"train: {describe_precision(tc.bf16, device)}", file=sys.stderr, flush=True)
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
 
@@ -552,7 +556,7 @@ def run_train(
     if end < total_steps:
         return {"stopped_at": max_steps}
 
-    summary = _summary(model, tc, total_steps, len(examples), lr, t_start)
+    summary = _summary(model, tc, total_steps, len(examples), lr, t_start) | {"bf16": use_bf16(tc.bf16, device)}
     _finish(accelerator, module, tokenizer, stage_dir, summary, tc)
     if stop:
         raise signals.Interrupted(stop)
@@ -565,7 +569,7 @@ def _train_data(module, examples: list[TokenizedExample], pad_id: int, cfg: Conf
     under ZeRO-3 only the engine can run a forward), by default the start model's own, before its
     first update; cached in the stage folder under a key of everything they depend on."""
     collate, tc = COLLATORS[cfg.train.layout], cfg.train
-    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
+    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg, device)
     ref = _reference_cache(stage_dir / REF_CACHE, key, examples, tc.ref_batch_size, lambda idx, nb: reference_logps(
         module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device, indices=idx,
         num_batches=nb))
