@@ -525,7 +525,7 @@ def run_train(
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
-    signals.defer(world == 1)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
+    signals.defer(True)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
     for step in range(start_step, end):
         t0 = time.perf_counter()
         step_examples = plan.steps[step]
@@ -543,14 +543,14 @@ def run_train(
         if diverged:
             _close(bar, loggers)
             stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
-        stop = signals.pending()
+        stop = _stop_requested(world)
         if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
             metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
         if stop and done < total_steps:
             _close(bar, loggers)  # flushes this run's events; a resume purges those after its checkpoint
             raise signals.Interrupted(stop)
-    stop = signals.pending()  # a signal during the last step: the stage is finished first
+    stop = _stop_requested(world)  # a signal during the last step: the stage is finished first
     signals.defer(False)
     _close(bar, loggers)
     if end < total_steps:
@@ -561,6 +561,17 @@ def run_train(
     if stop:
         raise signals.Interrupted(stop)
     return summary
+
+
+def _stop_requested(world: int) -> int | None:
+    """The signal noted on any process during this step, the same answer on every process: all of
+    them save the checkpoint and stop after the same step. (A launcher such as torchrun passes a
+    SIGTERM on to every rank, not necessarily during the same step; a rank that stopped alone would
+    leave the others waiting in a collective.) One small all-gather per step."""
+    stop = signals.pending()
+    if world > 1:
+        stop = max(s or 0 for s in dist.all_gather(stop)) or None
+    return stop
 
 
 def _train_data(module, examples: list[TokenizedExample], pad_id: int, cfg: Config, pairs_path: Path,
