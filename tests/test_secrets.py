@@ -76,6 +76,7 @@ def test_a_whole_run_with_a_keyed_judge_writes_the_key_nowhere(tmp_path):
     assert _leaks(out, [run.stdout, run.stderr, report.stdout, report.stderr, status.stdout, status.stderr], key) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", ["rank", "evaluate.judge"])
 def test_a_judge_refusing_the_key_fails_without_showing_it(tmp_path, section):
     key = "sk-leak-" + secrets.token_urlsafe(24)
