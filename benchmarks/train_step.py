@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--model smollm2|tiny|random-smollm2-135m|PATH] [--pairs 24]
         [--batch-size 8] [--prompt-len 64] [--response-len 96] [--threads 1,2] [--trl-threads 1,2]
-        [--repeats 3] [--layout prefix|padded] [--bf16 | --no-bf16]
+        [--repeats 3] [--layout prefix|padded] [--bf16 | --no-bf16] [--precision-ab]
 
 With no arguments it measures the demo model, SmolLM2-135M-Instruct, under bf16 autocast, 24 pairs,
 1 and 2 threads each side, 3 repeats: the command behind the training figures in BENCHMARKS.md
@@ -363,6 +363,31 @@ def spawn(kind: str, spec: dict, threads: int, log: Path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def precision_ab(base: dict, threads: int, repeats: int, tmp: Path, log: Path, keep: bool) -> None:
+    """selm alone, fp32 and bf16 autocast alternately (order swapped every repeat): what bf16 costs or
+    saves on this CPU. Without bf16 instructions autocast emulates them (train.bf16: auto picks fp32)."""
+    import shutil
+
+    times: dict[bool, list[dict]] = {False: [], True: []}
+    for r in range(repeats):
+        for bf16 in ((False, True) if r % 2 == 0 else (True, False)):
+            out = tmp / f"selm{'bf16' if bf16 else 'fp32'}_r{r}"
+            res = spawn("selm", dict(base, bf16=bf16, out=str(out)), threads, log)
+            times[bf16].append(res)
+            print(f"  repeat {r} {'bf16' if bf16 else 'fp32'}@{threads}: train {res['train']:.2f} s, "
+                  f"ref {res['ref']:.2f} s", flush=True)
+            if not keep:
+                shutil.rmtree(out, ignore_errors=True)
+    med = {b: {k: statistics.median(x[k] for x in rs) for k in ("train", "ref")} for b, rs in times.items()}
+    from selm.precision import cpu_native_bf16
+
+    print(f"CPU bf16 instructions: {'yes' if cpu_native_bf16() else 'no'}; medians of {repeats} repeat(s), "
+          f"{times[False][0]['pairs']} pairs")
+    for part in ("train", "ref"):
+        print(f"{part}: fp32 {med[False][part]:.2f} s, bf16 {med[True][part]:.2f} s, "
+              f"bf16/fp32 = {med[True][part] / med[False][part]:.2f}x")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -381,6 +406,8 @@ def main() -> None:
     p.add_argument("--layout", choices=["prefix", "padded"], default="prefix")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on both sides (default; --no-bf16 for fp32)")
+    p.add_argument("--precision-ab", action="store_true", help="selm only: fp32 vs bf16 autocast side by side "
+                   "at the first --threads value (no TRL, no matmul peak); prints the bf16/fp32 time ratio")
     p.add_argument("--alpha", type=float, default=1e-3, help="selm's alpha (> 0: exploration responses trained)")
     p.add_argument("--keep", type=Path, help="keep the model, pairs and worker logs in this folder")
     p.add_argument("--profile", choices=["selm", "trl"], help="instead of timing, profile N optimizer steps of one "
@@ -406,6 +433,9 @@ def main() -> None:
               f"prompt ~{a.prompt_len} / response ~{a.response_len} tokens (+-{a.jitter:.0%}), layout {a.layout}, "
               f"{'bf16 autocast' if a.bf16 else 'fp32'}, selm alpha {a.alpha:g}", flush=True)
 
+        if a.precision_ab:
+            precision_ab(base, int(a.threads.split(",")[0]), a.repeats, tmp, log, bool(a.keep))
+            return
         if a.profile:
             res = spawn("profile", dict(base, side=a.profile, prof_steps=a.profile_steps, out=str(tmp / "profile")),
                         int(a.threads.split(",")[0]), log)

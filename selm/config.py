@@ -296,8 +296,11 @@ class TrainConfig:
     """Longest prompt + response, in tokens; responses are cut at the end to fit."""
     max_prompt_length: int = 512
     """Longest prompt, in tokens; longer prompts lose their START (the most recent turn is kept)."""
-    bf16: bool = False
-    """Run forward passes under bfloat16 autocast (weights and optimizer stay in the loaded dtype)."""
+    bf16: Union[bool, Literal["auto"]] = False
+    """Run forward passes under bfloat16 autocast (weights and optimizer stay in the loaded dtype).
+    "auto": only where the hardware has native bf16 (a CUDA GPU that supports it; a CPU with AMX-BF16,
+    AVX512-BF16 or Arm BF16), fp32 elsewhere: a CPU without them emulates bf16 matmuls, many times
+    slower than fp32. The run's log and environment.json say which was chosen."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     release_memory: bool = False
@@ -608,7 +611,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: invalid value {value!r}")
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {_type_name(tp).replace('bool', 'true|false')}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")

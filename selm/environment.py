@@ -13,6 +13,7 @@ from pathlib import Path
 
 from selm import dist
 from selm.io import atomic_write_json, read_json, sha256_json
+from selm.precision import cpu_native_bf16, use_bf16
 
 ENVIRONMENT = "environment.json"
 PACKAGES = ("selm", "torch", "transformers", "accelerate", "safetensors", "tokenizers", "deepspeed", "vllm")
@@ -52,7 +53,10 @@ def environment(config: dict) -> dict:
         "config_sha256": sha256_json(config),
         "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                    "gpus": gpus, "cuda": torch.version.cuda if gpus else None},
+                    "gpus": gpus, "cuda": torch.version.cuda if gpus else None,
+                    "cpu_native_bf16": cpu_native_bf16()},
+        # What train.bf16 means here ("auto" depends on the machine); training runs on the GPU when there is one.
+        "train_bf16": use_bf16(config.get("train", {}).get("bf16", False), "cuda" if gpus else "cpu"),
         "processes": dist.world_size(),
     }
 

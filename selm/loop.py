@@ -231,11 +231,10 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
     if stage not in ITERATION_STAGES:
         raise InputError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     spec = ITERATION_STAGES[stage]
+    _check_iteration(cfg, t, first=1)
 
     def build(sd: Path) -> None:
         prepare_data(cfg, out)
-        if t < 1 or t > cfg.loop.iterations:
-            raise InputError(f"--iteration: must be in 1..{cfg.loop.iterations}")
         prev = stage_dir(out, t, spec.after) if spec.after else None
         if prev and not is_done(prev):
             raise InputError(f"{prev}: not finished; run `selm {spec.after}` for iteration {t} first")
@@ -244,8 +243,16 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
     return ensure_stage(stage_dir(out, t, stage), build, resume=spec.resumes)
 
 
+def _check_iteration(cfg: Config, t: int, first: int) -> None:
+    # Before the stage folder exists: an iteration out of range names no folder of the run, and
+    # nothing is created for it (not even a FAILED.json in a stray iter_99/).
+    if t < first or t > cfg.loop.iterations:
+        raise InputError(f"--iteration: must be in {first}..{cfg.loop.iterations}, got {t}")
+
+
 def _evaluate(cfg: Config, out: Path, t: int) -> dict:
     """Evaluate iteration t's model (t = 0: the start model, the baseline) if not done; returns its marker."""
+    _check_iteration(cfg, t, first=0)
 
     def build(sd: Path) -> None:
         from selm.stages.evaluate import run_evaluate

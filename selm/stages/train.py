@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from selm.objective.logprobs import (COLLATORS, ResponseLogps, TokenizedExample,
                                      tokenize_pairs)
 from selm.objective.losses import preference_objective
 from selm.models import enable_checkpointing, load_causal_lm, load_tokenizer, return_freed_memory_to_os, set_threads
+from selm.precision import describe as describe_precision, use_bf16
 
 METRICS = "metrics.jsonl"
 PARTIAL = METRICS + ".partial"  # metrics.jsonl while training runs; renamed when the stage is done
@@ -96,10 +98,10 @@ def micro_batches(step_examples: list[int], rank: int, world: int, batch_size: i
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def autocast_dtype(tc: TrainConfig) -> torch.dtype | None:
-    """The precision training's forwards autocast to (None: the weights' own). Anything scoring log-
-    probs to compare with training's uses it too."""
-    return torch.bfloat16 if tc.bf16 else None
+def autocast_dtype(tc: TrainConfig, device) -> torch.dtype | None:
+    """The precision training's forwards on `device` autocast to (None: the weights' own). Anything
+    scoring log-probs to compare with training's uses it too."""
+    return torch.bfloat16 if use_bf16(tc.bf16, device) else None
 
 
 def _model_fingerprint(path: Path) -> dict:
@@ -108,14 +110,14 @@ def _model_fingerprint(path: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files} | {"path": str(path.resolve())}
 
 
-def _reference_key(ref_path: Path, pairs_path: Path, cfg: Config) -> str:
+def _reference_key(ref_path: Path, pairs_path: Path, cfg: Config, device) -> str:
     """Hash of everything the reference log-probs depend on: the reference model's files, the data,
     tokenisation, which responses are scored, layout and precision."""
     tc = cfg.train
     return sha256_json({
         "ref": _model_fingerprint(ref_path), "data": sha256_file(pairs_path) if Path(pairs_path).is_file() else str(pairs_path),
         "max_length": tc.max_length, "max_prompt_length": tc.max_prompt_length, "explore": tc.alpha > 0,
-        "layout": tc.layout, "bf16": tc.bf16, "dtype": cfg.model.dtype,
+        "layout": tc.layout, "bf16": use_bf16(tc.bf16, device), "dtype": cfg.model.dtype,
     })
 
 
@@ -129,7 +131,7 @@ def reference_logps(module: ResponseLogps, ref_model_path: Path | None, examples
         ref_model = load_causal_lm(Path(ref_model_path), cfg.model.dtype, cfg.model.trust_remote_code).to(device)
         module = ResponseLogps(ref_model)
     return score_logps(module, examples, batch_size=cfg.train.ref_batch_size, collate=collate, pad_id=pad_id,
-                       device=device, autocast_dtype=autocast_dtype(cfg.train), indices=indices,
+                       device=device, autocast_dtype=autocast_dtype(cfg.train, device), indices=indices,
                        num_batches=num_batches, progress="reference log-probs" if dist.is_main() else None)
 
 
@@ -305,7 +307,7 @@ def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micro
         last = j == len(micros) - 1
         accelerator.sync_gradients = last
         with accelerator.no_sync(module) if not last else nullcontext():
-            with autocast(device, autocast_dtype(tc)):
+            with autocast(device, autocast_dtype(tc, device)):
                 logps = batch_logps(module, batch)  # kind -> (B,)
             refs = {k: data.ref[k][idx].to(device) for k in logps}
             out = preference_objective(logps, refs, loss=tc.loss, explore=tc.explore, beta=tc.beta, alpha=tc.alpha)
@@ -502,6 +504,8 @@ def run_train(
     if ref_model_path is not None and _sharded(accelerator):
         raise InputError("--ref-model / train.reference=initial: a separate reference model is not supported under "
                          "ZeRO-3/FSDP yet; train without it (the start model is the reference) or with DDP")
+    if tc.bf16 == "auto" and accelerator.is_main_process:
+        print(f"train: {describe_precision(tc.bf16, device)}", file=sys.stderr, flush=True)
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
 
@@ -521,7 +525,7 @@ def run_train(
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
-    signals.defer(world == 1)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
+    signals.defer(True)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
     for step in range(start_step, end):
         t0 = time.perf_counter()
         step_examples = plan.steps[step]
@@ -539,24 +543,35 @@ def run_train(
         if diverged:
             _close(bar, loggers)
             stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
-        stop = signals.pending()
+        stop = _stop_requested(world)
         if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
             metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
             _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
         if stop and done < total_steps:
             _close(bar, loggers)  # flushes this run's events; a resume purges those after its checkpoint
             raise signals.Interrupted(stop)
-    stop = signals.pending()  # a signal during the last step: the stage is finished first
+    stop = _stop_requested(world)  # a signal during the last step: the stage is finished first
     signals.defer(False)
     _close(bar, loggers)
     if end < total_steps:
         return {"stopped_at": max_steps}
 
-    summary = _summary(model, tc, total_steps, len(examples), lr, t_start)
+    summary = _summary(model, tc, total_steps, len(examples), lr, t_start) | {"bf16": use_bf16(tc.bf16, device)}
     _finish(accelerator, module, tokenizer, stage_dir, summary, tc)
     if stop:
         raise signals.Interrupted(stop)
     return summary
+
+
+def _stop_requested(world: int) -> int | None:
+    """The signal noted on any process during this step, the same answer on every process: all of
+    them save the checkpoint and stop after the same step. (A launcher such as torchrun passes a
+    SIGTERM on to every rank, not necessarily during the same step; a rank that stopped alone would
+    leave the others waiting in a collective.) One small all-gather per step."""
+    stop = signals.pending()
+    if world > 1:
+        stop = max(s or 0 for s in dist.all_gather(stop)) or None
+    return stop
 
 
 def _train_data(module, examples: list[TokenizedExample], pad_id: int, cfg: Config, pairs_path: Path,
@@ -565,7 +580,7 @@ def _train_data(module, examples: list[TokenizedExample], pad_id: int, cfg: Conf
     under ZeRO-3 only the engine can run a forward), by default the start model's own, before its
     first update; cached in the stage folder under a key of everything they depend on."""
     collate, tc = COLLATORS[cfg.train.layout], cfg.train
-    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg)
+    key = _reference_key(Path(ref_model_path or model_path), pairs_path, cfg, device)
     ref = _reference_cache(stage_dir / REF_CACHE, key, examples, tc.ref_batch_size, lambda idx, nb: reference_logps(
         module, ref_model_path, examples, cfg, collate=collate, pad_id=pad_id, device=device, indices=idx,
         num_batches=nb))

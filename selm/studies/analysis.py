@@ -77,7 +77,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     ex = tokenize_pairs(tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
                         with_exploration=False)
     return score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train))
+                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train, device))
 
 
 def implicit_rewards(out: Path) -> Path:
