@@ -20,3 +20,20 @@ def tiny_model_dir(tmp_path_factory):
     from selm.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+def judge_server():
+    """`judge_server(reply)` starts an OpenAI-compatible judge on 127.0.0.1 (tests/helpers_rank.py:
+    JudgeServer; `reply(body, headers, n) -> (status, text, delay)`), closed after the test."""
+    from helpers_rank import JudgeServer  # tests/ is on sys.path under pytest
+
+    servers = []
+
+    def start(reply):
+        servers.append(JudgeServer(reply))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import message_lines
-from helpers_rank import JudgeServer
 from selm.cli import main
 from selm.config import PairwiseEvalConfig, RankConfig
 from selm.engines.llm_pairwise import LLMPairwiseRanker, parse_verdict, probability_of_a
@@ -33,18 +32,6 @@ def _setup(monkeypatch, tmp_path):
     # Retries wait 10 ms rather than 1 s.
     monkeypatch.setattr(LLMPairwiseRanker.__init__, "__defaults__", ("rank", 0.01))
 
-
-@pytest.fixture
-def server():
-    servers = []
-
-    def start(reply):
-        servers.append(JudgeServer(reply))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def files(tmp_path, n=4):
@@ -95,9 +82,9 @@ def test_verdict_and_probability_parsing():
     assert probability_of_a({"The": -0.1}) is None and probability_of_a(None) is None
 
 
-def test_soft_preferences_from_logprobs_both_orders_and_the_key(server, tmp_path, monkeypatch):
+def test_soft_preferences_from_logprobs_both_orders_and_the_key(judge_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-test-123")
-    s = server(prefers_good(0.8))
+    s = judge_server(prefers_good(0.8))
     prompts, model, base = files(tmp_path)
     out = run_pairwise(cfg_for(s.url), str(model), str(base), prompts, tmp_path / "out")
     assert len(s.requests) == 8  # 4 prompts x 2 orders
@@ -119,8 +106,8 @@ def test_soft_preferences_from_logprobs_both_orders_and_the_key(server, tmp_path
     assert "sk-test-123" not in (tmp_path / "out" / "pairwise.json").read_text()
 
 
-def test_position_bias_cancels_over_both_orders(server, tmp_path):
-    s = server(lambda body, headers, n: (200, "A", 0))  # always the first shown, no log-probs
+def test_position_bias_cancels_over_both_orders(judge_server, tmp_path):
+    s = judge_server(lambda body, headers, n: (200, "A", 0))  # always the first shown, no log-probs
     prompts, model, base = files(tmp_path)
     out = run_pairwise(cfg_for(s.url), str(model), str(base), prompts, tmp_path / "out")
     assert out["win_rate"] == 0.5 and out["ties"] == 4
@@ -128,12 +115,12 @@ def test_position_bias_cancels_over_both_orders(server, tmp_path):
     assert all([o["p_model"] for o in r["orders"]] == [1.0, 0.0] and not r["orders"][0]["soft"] for r in rows)
 
 
-def test_random_order_is_one_request_per_prompt_and_seeded(server, tmp_path):
-    s = server(lambda body, headers, n: (200, "A", 0))
+def test_random_order_is_one_request_per_prompt_and_seeded(judge_server, tmp_path):
+    s = judge_server(lambda body, headers, n: (200, "A", 0))
     prompts, model, base = files(tmp_path, n=12)
     wins = []
     for seed in (3, 3, 4):
-        out = run_pairwise(cfg_for(s.url, order="random", seed=seed), str(model), str(base), prompts, tmp_path / "o")
+        run_pairwise(cfg_for(s.url, order="random", seed=seed), str(model), str(base), prompts, tmp_path / "o")
         rows = [json.loads(l) for l in (tmp_path / "o" / "annotations.jsonl").read_text().splitlines()]
         # The position-biased judge picks whoever is shown first: model_win says which order was drawn.
         assert all(r["model_win"] == (1.0 if r["orders"][0]["model_shown_as"] == "A" else 0.0) for r in rows)
@@ -142,18 +129,18 @@ def test_random_order_is_one_request_per_prompt_and_seeded(server, tmp_path):
     assert wins[0] == wins[1] and wins[0] != wins[2] and 0 < sum(wins[0]) < 12
 
 
-def test_hard_verdicts_without_logprobs(server, tmp_path):
-    s = server(prefers_good(logprobs=False))
+def test_hard_verdicts_without_logprobs(judge_server, tmp_path):
+    s = judge_server(prefers_good(logprobs=False))
     prompts, model, base = files(tmp_path)
     out = run_pairwise(cfg_for(s.url), str(model), str(base), prompts, tmp_path / "out")
     assert out["win_rate"] == 1.0 and out["wins"] == 4
 
 
-def test_malformed_answers_fail_or_are_skipped(server, tmp_path):
+def test_malformed_answers_fail_or_are_skipped(judge_server, tmp_path):
     def reply(body, headers, n):
         a, b = shown(body)
         return (200, "I cannot decide." if "good 1" in a + b else "A", 0)
-    s = server(reply)
+    s = judge_server(reply)
     prompts, model, base = files(tmp_path)
     with pytest.raises(RankerError, match=r"pairwise.judge: prompt_id '[0-9a-f]+', model shown first: no A/B "
                                           r"verdict in the judge's reply 'I cannot decide.'"):
@@ -163,14 +150,14 @@ def test_malformed_answers_fail_or_are_skipped(server, tmp_path):
     assert (out["judged"], out["skipped"]) == (3, 1) and "I cannot decide" in out["skipped_prompts"][0]["reason"]
 
 
-def test_500s_are_retried_then_reported_in_one_line(server, tmp_path, monkeypatch):
+def test_500s_are_retried_then_reported_in_one_line(judge_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-secret-9")
-    s = server(lambda body, headers, n: (500, "overloaded", 0) if n <= 2 else prefers_good()(body, headers, n))
+    s = judge_server(lambda body, headers, n: (500, "overloaded", 0) if n <= 2 else prefers_good()(body, headers, n))
     prompts, model, base = files(tmp_path, n=1)
     out = run_pairwise(cfg_for(s.url, judge_max_retries=2, judge_max_concurrency=1), str(model), str(base), prompts,
                        tmp_path / "out")
     assert out["win_rate"] == pytest.approx(0.8) and len(s.requests) == 4
-    down = server(lambda body, headers, n: (500, "down; key sk-secret-9", 0))
+    down = judge_server(lambda body, headers, n: (500, "down; key sk-secret-9", 0))
     with pytest.raises(RankerError) as e:
         run_pairwise(cfg_for(down.url, judge_max_retries=2), str(model), str(base), prompts, tmp_path / "out2")
     msg = str(e.value)
@@ -178,18 +165,18 @@ def test_500s_are_retried_then_reported_in_one_line(server, tmp_path, monkeypatc
     assert "sk-secret-9" not in msg and "\n" not in msg
 
 
-def test_timeouts_are_reported(server, tmp_path):
-    s = server(lambda body, headers, n: (200, "A", 1.0))
+def test_timeouts_are_reported(judge_server, tmp_path):
+    s = judge_server(lambda body, headers, n: (200, "A", 1.0))
     prompts, model, base = files(tmp_path, n=1)
     with pytest.raises(RankerError, match="timed out after 0.2 s"):
         run_pairwise(cfg_for(s.url, judge_timeout_s=0.2, judge_max_retries=1), str(model), str(base), prompts,
                      tmp_path / "out")
 
 
-def test_llm_pairwise_as_a_ranker_aggregates_both_orders(server):
+def test_llm_pairwise_as_a_ranker_aggregates_both_orders(judge_server):
     from selm.engines.rankers import build_ranker
 
-    s = server(prefers_good(0.9))
+    s = judge_server(prefers_good(0.9))
     r = build_ranker(RankConfig(kind="llm_pairwise", url=s.url, judge_model="j"))
     scores = r.score([[{"role": "user", "content": "q"}]], [["good x", "bad y", "bad z"]])[0]
     # good beats each bad with 0.9 in both orders; bad vs bad: the judge picks B (not "good"), 0.1/0.9.

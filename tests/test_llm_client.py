@@ -11,23 +11,10 @@ import time
 
 import pytest
 
-from helpers_rank import JudgeServer  # tests/ is on sys.path under pytest
 from selm.engines.llm_client import ChatClient, ChatError, Reply, first_token_logprobs, retry_after
 
 KEY_ENV = "SELM_TEST_CLIENT_KEY"
 
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(reply):
-        servers.append(JudgeServer(reply))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def _client(url, **kw) -> ChatClient:
@@ -47,10 +34,10 @@ def _echo(delay):
     return reply
 
 
-def test_replies_come_back_in_input_order_when_the_server_answers_out_of_order(serve):
+def test_replies_come_back_in_input_order_when_the_server_answers_out_of_order(judge_server):
     rng = random.Random(0)
     delays = [rng.uniform(0.0, 0.15) for _ in range(40)]
-    server = serve(_echo(lambda i: delays[i]))
+    server = judge_server(_echo(lambda i: delays[i]))
     replies = _client(server.url, max_concurrency=8).complete([_msgs(i) for i in range(40)], temperature=0)
     assert [r.text for r in replies] == [f"a{i}" for i in range(40)]
     assert all(isinstance(r, Reply) and r.finish_reason == "stop" for r in replies)
@@ -58,8 +45,8 @@ def test_replies_come_back_in_input_order_when_the_server_answers_out_of_order(s
 
 
 @pytest.mark.parametrize("limit", [1, 3, 8])
-def test_never_more_than_max_concurrency_in_flight_and_the_limit_is_reached(serve, limit):
-    server = serve(_echo(lambda i: 0.2))
+def test_never_more_than_max_concurrency_in_flight_and_the_limit_is_reached(judge_server, limit):
+    server = judge_server(_echo(lambda i: 0.2))
     client = _client(server.url, max_concurrency=limit)
     t0 = time.perf_counter()
     replies = client.complete([_msgs(i) for i in range(2 * limit)])
@@ -69,8 +56,8 @@ def test_never_more_than_max_concurrency_in_flight_and_the_limit_is_reached(serv
     assert 0.4 <= elapsed < 0.4 + 1.0  # two waves of 0.2 s, whatever the limit
 
 
-def test_64_requests_at_concurrency_8_take_a_fraction_of_the_serial_time(serve):
-    server = serve(_echo(lambda i: 0.2))
+def test_64_requests_at_concurrency_8_take_a_fraction_of_the_serial_time(judge_server):
+    server = judge_server(_echo(lambda i: 0.2))
     t0 = time.perf_counter()
     _client(server.url, max_concurrency=8).complete([_msgs(i) for i in range(64)])
     elapsed = time.perf_counter() - t0
@@ -78,11 +65,11 @@ def test_64_requests_at_concurrency_8_take_a_fraction_of_the_serial_time(serve):
     assert elapsed < 64 * 0.2 / 2  # serial would take 12.8 s; 8 waves of 0.2 s is 1.6 s
 
 
-def test_body_params_model_and_logprobs(serve, monkeypatch):
+def test_body_params_model_and_logprobs(judge_server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-client-secret")
     top = {"content": [{"token": "A", "logprob": -0.1,
                         "top_logprobs": [{"token": "A", "logprob": -0.1}, {"token": "B", "logprob": -2.4}]}]}
-    server = serve(lambda body, headers, n: (200, "A", 0, {"logprobs": top}))
+    server = judge_server(lambda body, headers, n: (200, "A", 0, {"logprobs": top}))
     client = _client(server.url)
     items = [_msgs(0), {"messages": _msgs(1), "max_tokens": 1, "model": "other"}]
     r0, r1 = client.complete(items, max_tokens=5, logprobs=True, top_logprobs=2)
@@ -104,8 +91,8 @@ def test_first_token_logprobs_formats():
     assert first_token_logprobs({"content": [{"bad": 1}]}) is None
 
 
-def test_a_429_with_retry_after_is_waited_out_then_succeeds(serve):
-    server = serve(lambda body, headers, n: (429, "slow down", 0, {"headers": {"Retry-After": "1"}}) if n == 1
+def test_a_429_with_retry_after_is_waited_out_then_succeeds(judge_server):
+    server = judge_server(lambda body, headers, n: (429, "slow down", 0, {"headers": {"Retry-After": "1"}}) if n == 1
                    else (200, "ok", 0))
     client = _client(server.url, max_concurrency=8)
     t0 = time.perf_counter()
@@ -115,7 +102,7 @@ def test_a_429_with_retry_after_is_waited_out_then_succeeds(serve):
     assert client.limit == 4  # halved for a while after the 429
 
 
-def test_429s_lower_the_in_flight_limit_and_it_recovers(serve):
+def test_429s_lower_the_in_flight_limit_and_it_recovers(judge_server):
     """Eight 429s at once (Retry-After 0.3 s) take the limit from 8 to 1: the next 16 requests go
     one at a time. With recover_s=0 each success raises it again by one."""
     arrivals = []
@@ -126,7 +113,7 @@ def test_429s_lower_the_in_flight_limit_and_it_recovers(serve):
         arrivals.append(server.in_flight)
         return 200, "ok", 0.02
 
-    server = serve(reply)
+    server = judge_server(reply)
     client = _client(server.url, max_concurrency=8, recover_s=60.0)
     replies = client.complete([_msgs(i) for i in range(24)])
     assert [r.text for r in replies] == ["ok"] * 24
@@ -144,16 +131,16 @@ def test_retry_after_parsing():
     assert 25 <= retry_after(when) <= 31
 
 
-def test_5xx_are_retried_then_succeed(serve):
-    server = serve(lambda body, headers, n: (500, "overloaded", 0) if n <= 2 else (200, "fine", 0))
+def test_5xx_are_retried_then_succeed(judge_server):
+    server = judge_server(lambda body, headers, n: (500, "overloaded", 0) if n <= 2 else (200, "fine", 0))
     assert _client(server.url, max_retries=3).complete([_msgs(0)])[0].text == "fine"
     assert len(server.requests) == 3
 
 
-def test_stays_down_gives_one_redacted_line_naming_url_attempts_and_item(serve, monkeypatch):
+def test_stays_down_gives_one_redacted_line_naming_url_attempts_and_item(judge_server, monkeypatch):
     secret = "sk-never-print-me"
     monkeypatch.setenv(KEY_ENV, secret)
-    server = serve(lambda body, headers, n: (503, f"down for {headers['Authorization']}", 0))
+    server = judge_server(lambda body, headers, n: (503, f"down for {headers['Authorization']}", 0))
     with pytest.raises(ChatError) as e:
         _client(server.url, max_retries=2, key="mtbench.judge").complete([_msgs(0)], where=["question 81, turn 2"])
     msg = str(e.value)
@@ -163,15 +150,15 @@ def test_stays_down_gives_one_redacted_line_naming_url_attempts_and_item(serve, 
     assert len(server.requests) == 3
 
 
-def test_other_4xx_fail_at_once(serve):
-    server = serve(lambda body, headers, n: (400, "bad request", 0))
+def test_other_4xx_fail_at_once(judge_server):
+    server = judge_server(lambda body, headers, n: (400, "bad request", 0))
     with pytest.raises(ChatError, match=r"HTTP 400 .*bad request \(1 attempt; item 0\)$"):
         _client(server.url, max_retries=3).complete([_msgs(0)])
     assert len(server.requests) == 1
 
 
-def test_one_failing_item_is_named_and_the_others_survive_with_return_exceptions(serve):
-    server = serve(lambda body, headers, n: (404, "no such model", 0) if body["messages"][0]["content"] == "q3"
+def test_one_failing_item_is_named_and_the_others_survive_with_return_exceptions(judge_server):
+    server = judge_server(lambda body, headers, n: (404, "no such model", 0) if body["messages"][0]["content"] == "q3"
                    else (200, "ok", 0.05))
     client = _client(server.url, max_concurrency=4)
     labels = [f"prompt {i}" for i in range(6)]
@@ -182,21 +169,21 @@ def test_one_failing_item_is_named_and_the_others_survive_with_return_exceptions
         client.complete([_msgs(i) for i in range(6)], where=labels)
 
 
-def test_timeouts_are_retried_then_reported(serve):
-    server = serve(lambda body, headers, n: (200, "late", 0.6))
+def test_timeouts_are_retried_then_reported(judge_server):
+    server = judge_server(lambda body, headers, n: (200, "late", 0.6))
     t0 = time.perf_counter()
     with pytest.raises(ChatError, match=r"timed out after 0.2 s \(2 attempts; item 0\)$"):
         _client(server.url, timeout_s=0.2, max_retries=1).complete([_msgs(0)])
     assert time.perf_counter() - t0 < 2.0
 
 
-def test_malformed_json_is_retried_and_reported(serve):
-    server = serve(lambda body, headers, n: (200, "", 0, {"raw": "{not json"}) if n == 1 else (200, "ok", 0))
+def test_malformed_json_is_retried_and_reported(judge_server):
+    server = judge_server(lambda body, headers, n: (200, "", 0, {"raw": "{not json"}) if n == 1 else (200, "ok", 0))
     assert _client(server.url).complete([_msgs(0)])[0].text == "ok"
-    server = serve(lambda body, headers, n: (200, "", 0, {"raw": "<html>gateway</html>"}))
+    server = judge_server(lambda body, headers, n: (200, "", 0, {"raw": "<html>gateway</html>"}))
     with pytest.raises(ChatError, match=r"malformed JSON reply .*'<html>gateway</html>' \(3 attempts; item 0\)$"):
         _client(server.url).complete([_msgs(0)])
-    server = serve(lambda body, headers, n: (200, "", 0, {"raw": '{"error": "no choices"}'}))
+    server = judge_server(lambda body, headers, n: (200, "", 0, {"raw": '{"error": "no choices"}'}))
     with pytest.raises(ChatError, match=r"unexpected reply \{\"error\": \"no choices\"\} \(item 0\)$"):
         _client(server.url).complete([_msgs(0)])
     assert len(server.requests) == 1  # a well-formed reply without a message is not retried
@@ -220,11 +207,11 @@ def test_bad_arguments():
     assert ChatClient("http://x", "m").complete([]) == []
 
 
-def test_ctrl_c_returns_at_once_without_waiting_for_requests_in_flight(serve):
+def test_ctrl_c_returns_at_once_without_waiting_for_requests_in_flight(judge_server):
     import _thread
     import threading
 
-    server = serve(lambda body, headers, n: (200, "late", 5.0))
+    server = judge_server(lambda body, headers, n: (200, "late", 5.0))
     threading.Timer(0.3, _thread.interrupt_main).start()
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers_rank import JudgeServer  # tests/ is on sys.path under pytest
 from selm.config import RankConfig
 from selm.engines.rankers import (HttpJudgeRanker, PairwiseRanker, RankerError, RewardModelRanker, build_ranker,
                           parse_rating)
@@ -182,18 +181,6 @@ def test_reward_model_refuses_pickled_weights(tmp_path, reward_models):
 # ---------------------------------------------------------------------------------------------
 # HTTP judge
 
-
-@pytest.fixture
-def judge_server():
-    servers = []
-
-    def start(reply):
-        servers.append(JudgeServer(reply))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def _http(url, **kw) -> HttpJudgeRanker:
