@@ -18,7 +18,7 @@ from typing import Sequence
 
 from selm.chat import Messages
 from selm.config import RankConfig
-from selm.engines.rankers import Ranker, RankerError, _where
+from selm.engines.rankers import Ranker, RankerError, _where, chat_client
 
 PAIRWISE_SYSTEM = (
     "You compare two AI assistant responses to the same conversation and decide which one serves the "
@@ -61,16 +61,7 @@ class LLMPairwiseRanker(Ranker):
 
     def __init__(self, cfg: RankConfig, key: str = "rank", backoff_s: float = 1.0):
         super().__init__(cfg, key)
-        from selm.engines.llm_client import ChatClient, ChatError
-
-        if not cfg.url or not cfg.judge_model:
-            raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is 'llm_pairwise'")
-        try:
-            self.client = ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                                     max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
-                                     backoff_s=backoff_s, key=key)
-        except ChatError as e:
-            raise RankerError(str(e)) from None
+        self.client = chat_client(cfg, key, backoff_s)
 
     def judge(self, items: Sequence[tuple[Messages, str, str, str]]) -> list[dict | RankerError]:
         """One verdict per (prompt, a, b, where), in order, requests in flight together; an item whose

@@ -371,6 +371,19 @@ def render_conversation(prompt: Messages, response: str) -> str:
     return "\n\n".join(turns) + f"\n\n[Assistant's response to rate]\n{response}\n[End of response]"
 
 
+def chat_client(cfg: RankConfig, key: str, backoff_s: float):
+    """The ChatClient of an LLM judge (http_judge, llm_pairwise) from its rank settings."""
+    from selm.engines.llm_client import ChatClient, ChatError
+
+    if not cfg.url or not cfg.judge_model:
+        raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is {cfg.kind!r}")
+    try:
+        return ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
+                          max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency, backoff_s=backoff_s, key=key)
+    except ChatError as e:
+        raise RankerError(str(e)) from None
+
+
 class HttpJudgeRanker(Ranker):
     """Rates each (prompt, response) 1-10 with one request to ``{url}/chat/completions``, temperature 0,
     a whole batch at once with at most ``cfg.max_concurrency`` requests in flight (selm/engines/
@@ -382,16 +395,7 @@ class HttpJudgeRanker(Ranker):
 
     def __init__(self, cfg: RankConfig, key: str = "rank", backoff_s: float = 1.0):
         super().__init__(cfg, key)
-        from selm.engines.llm_client import ChatClient, ChatError
-
-        if not cfg.url or not cfg.judge_model:
-            raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is {cfg.kind!r}")
-        try:
-            self.client = ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                                     max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
-                                     backoff_s=backoff_s, key=key)
-        except ChatError as e:
-            raise RankerError(str(e)) from None
+        self.client = chat_client(cfg, key, backoff_s)
         self.endpoint = self.client.endpoint
         self._known: dict[str, float] = {}  # request body (JSON) -> rating, from the last batch
 

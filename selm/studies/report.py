@@ -194,6 +194,12 @@ def _errbar(ax, xs, summaries: list[dict], label: str, scale: float = 1.0) -> No
     ax.set_xticks(list(xs))
 
 
+def legend(ax, **kw) -> None:
+    """A legend where something is labelled (a run without evaluation has empty plots: no warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only backend (no display needed)."""
     import matplotlib
@@ -241,7 +247,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
         _errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="iteration", ylabel="gold win rate vs start model (%)", title="Win rate vs the start model (95% CI)")
-    ax.legend()
+    legend(ax)
     save(fig, "win_rate_vs_start.png")
 
     if "head_to_head" in data:
@@ -257,7 +263,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
             if vals:
                 ax.hist(vals, bins=20, histtype="step", density=True, label=f"iter {t}", lw=1.5)
         ax.set(title=f"{arm}: gold reward of generations", xlabel="gold reward")
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     save(fig, "reward_distribution.png")
 
     ir = data.get("implicit_rewards")
@@ -267,7 +273,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
             _errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="implicit reward, SELM - DPO", title="Implicit rewards on held-out pairs")
-        ax.legend()
+        legend(ax)
         save(fig, "implicit_rewards.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -275,14 +281,14 @@ def _plots(data: dict, plots: Path) -> list[str]:
         training_curves(axes, data["per_arm"][arm]["curves"], arm)
     for ax, title in zip(axes, CURVE_TITLES):
         ax.set(title=title, xlabel="optimizer step (all iterations, first seed)")
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     save(fig, "training_curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
         _errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
     ax.set(xlabel="iteration", ylabel="response length (tokens)", title="Evaluation response length")
-    ax.legend()
+    legend(ax)
     save(fig, "length.png")
 
     if len(arms) > 2 or not ("selm" in arms and "dpo" in arms):

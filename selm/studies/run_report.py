@@ -14,8 +14,8 @@ from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
 from selm.stats import head_to_head
 from selm.studies.exploration_report import run_section
-from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, pyplot,
-                                 training_curves)
+from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, legend,
+                                 pyplot, training_curves)
 
 
 def collect_run(out: Path) -> dict:
@@ -62,7 +62,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
     _errbar(ax, xs, [r["win_vs_previous"] for r in rows], "vs the previous iteration", 100)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="iteration", ylabel="gold win rate (%)", title="Win rates (95% CI; ties count half)")
-    ax.legend()
+    legend(ax)
     save(fig, "win_rates.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -77,7 +77,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
         if r["gold_all"]:
             ax.hist(r["gold_all"], bins=20, histtype="step", density=True, label=f"iter {r['iteration']}", lw=1.5)
     ax.set(title="Gold reward of evaluation responses", xlabel="gold reward")
-    ax.legend(fontsize=8)
+    legend(ax, fontsize=8)
     save(fig, "reward_distribution.png")
 
     if data["curves"]:
