@@ -12,15 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selm.io import atomic_write_text, read_json, read_jsonl
+from selm.io import atomic_write_text, read_json
 from selm.stats import head_to_head, hierarchical_ci, mean
-from selm.studies.findings import alpha_differences, findings, findings_lines, sweep_headline
+from selm.studies.findings import _eval_rows, alpha_differences, findings, findings_lines, sweep_headline
 from selm.studies.study import arm_configs, load_study
-
-
-def _eval_rows(run: Path, t: int) -> dict[str, dict] | None:
-    p = run / f"iter_{t}" / "evaluate" / "generations.jsonl"
-    return {r["prompt_id"]: r for r in read_jsonl(p)} if p.is_file() else None
 
 
 def collect(out: Path) -> dict:
