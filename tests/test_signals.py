@@ -117,3 +117,83 @@ def test_ctrl_c_in_training_stops_after_the_step_with_a_checkpoint_and_resumes_e
     a = load_file(str(out / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "clean" / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# `selm study --jobs N`: one process per arm-seed run
+
+
+def _study(spec, out):
+    """`selm study` as a terminal starts it: its own process group, which a Ctrl-C signals as a whole."""
+    return subprocess.Popen(selm_cmd("study", spec, "--jobs", "2", "--output-dir", out, "--set",
+                                     "train.save_every_steps=100000", "--set", "train.epochs=40"),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait(proc, condition, limit=300):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None and time.time() - t0 < limit, "the study ended or stalled before the cue"
+        time.sleep(0.01)
+
+
+def _children(pid):
+    from pathlib import Path
+
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _steps(train):
+    partial = train / "metrics.jsonl.partial"
+    return partial.read_text().count("\n") if partial.is_file() else 0
+
+
+@pytest.mark.slow
+def test_a_study_stops_each_training_worker_after_its_step_on_ctrl_c_and_when_its_parent_dies(tmp_path):
+    import os
+
+    from test_loop import ROOT
+
+    spec = tmp_path / "study.yaml"
+    spec.write_text(f"config: {ROOT / 'configs' / 'tiny.yaml'}\nseeds: [0, 1]\narms: [{{name: dpo, set: [train.alpha=0]}}]\n")
+    out = tmp_path / "out"
+    trains = [out / "dpo" / f"seed_{s}" / "iter_1" / "train" for s in (0, 1)]
+
+    # Ctrl-C at the terminal signals the whole foreground group. Each worker must get one signal (the
+    # parent's), so training stops after its step with a checkpoint there (the scheduled saves are set
+    # beyond the end); two signals (the terminal's, then the parent's) would stop it at once, unsaved.
+    proc = _study(spec, out)
+    _wait(proc, lambda: all(_steps(t) >= 1 for t in trains))
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    lines = message_lines(err)
+    assert lines and lines[-1].startswith("selm: stopped by SIGINT; re-run the same command"), err[-2000:]
+    for t in trains:
+        assert not (t / "DONE.json").exists()
+        step = json.loads((t / "checkpoint" / "state.json").read_text())["step"]
+        assert 1 <= step <= _steps(t)
+        assert "stopped by SIGINT" in (out / "logs" / f"dpo_{t.parents[1].name}.log").read_text()
+
+    # The parent killed outright (SIGKILL, the OOM killer): its workers notice and stop at their next
+    # safe point, with a checkpoint, instead of running on unseen.
+    before = {t: json.loads((t / "checkpoint" / "state.json").read_text())["step"] for t in trains}
+    proc = _study(spec, out)
+    _wait(proc, lambda: len(_children(proc.pid)) >= 2 and all(_steps(t) > before[t] for t in trains))
+    workers = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    t0 = time.time()
+    while any(os.path.exists(f"/proc/{w}") for w in workers):
+        assert time.time() - t0 < 120, "workers outlived their parent"
+        time.sleep(0.2)
+    for t in trains:
+        assert not (t / "DONE.json").exists()
+        assert json.loads((t / "checkpoint" / "state.json").read_text())["step"] > before[t]
+
+    # And the study resumes to the end.
+    proc = _study(spec, out)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert all((out / "dpo" / f"seed_{s}" / "DONE.json").exists() for s in (0, 1))

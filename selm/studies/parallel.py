@@ -9,7 +9,12 @@ stages across the study.
 
 A failure in one run stops the others at their next safe point (SIGTERM, as a scheduler would) and
 is raised in the parent with its own message, so the command line prints the usual one line. Ctrl-C
-or SIGTERM to the parent is passed on the same way; the re-run continues every seed where it stopped.
+or SIGTERM to the parent is passed on to each worker once, as the signal the parent got; the re-run
+continues every seed where it stopped. Workers live in their own session, so a terminal's Ctrl-C
+reaches only the parent (else a training worker would get two signals, the terminal's and the
+parent's, and the second stops it at once, without its step's checkpoint), and each worker watches
+its parent: if the parent dies without passing a signal on (SIGKILL, OOM killer), the worker stops
+itself at its next safe point instead of running on unseen.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 from selm.io import is_done
 
 POLL_S = 2.0
+PARENT_POLL_S = 5.0
 
 
 def done_stages(runs: list[tuple[Path, int]]) -> int:
@@ -38,7 +46,9 @@ def done_stages(runs: list[tuple[Path, int]]) -> int:
 def _worker(target, args: tuple, log: str, errors, callable_dirs: list) -> None:
     from selm import config, signals
 
+    os.setsid()  # out of the terminal's process group: Ctrl-C reaches the parent only
     signals.install()
+    _watch_parent(os.getppid())
     # Folders where config files' callables live (found when the parent read the configs).
     config.CALLABLE_DIRS[:] = callable_dirs
     # Progress bars and warnings of this seed go to its log, not into the parent's terminal.
@@ -47,11 +57,24 @@ def _worker(target, args: tuple, log: str, errors, callable_dirs: list) -> None:
     os.dup2(fd, 2)
     try:
         target(*args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+        print(f"selm: stopped by {name}; re-running the study continues this run where it stopped", file=sys.stderr)
         raise SystemExit(1)
     except BaseException as e:  # noqa: BLE001 -- handed to the parent, which raises it
         errors.put((type(e).__module__, type(e).__name__, str(e)))
         raise SystemExit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    """SIGTERM to this process (a stop at its next safe point) once `parent` is gone."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _rebuild(module: str, name: str, message: str) -> BaseException:
@@ -100,8 +123,9 @@ def run_tasks(target, task_args: list[tuple], logs: list[Path], jobs: int, *, pr
             if not errors.empty():
                 raise _rebuild(*errors.get())
             raise RuntimeError(f"a study worker exited with status {failure.exitcode}; see its log under logs/")
-    except KeyboardInterrupt:
-        _stop(running, signal.SIGTERM)
+    except KeyboardInterrupt as e:
+        # Pass on the signal the parent got (Ctrl-C: SIGINT); the workers report it as theirs.
+        _stop(running, getattr(e, "signum", signal.SIGINT))
         raise
 
 

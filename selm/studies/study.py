@@ -74,27 +74,29 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
     atomic_write_json(spec_path, spec)
     total = sum(stage_count(c) for c in cfgs.values())
     bar = tqdm(total=total, desc=title, unit="stage", position=0)
-    if jobs > 1 and len(arms) * len(seeds) > 1:
-        from selm.studies.parallel import done_stages, run_tasks
+    try:  # closed before a stop or an error is printed, so the message gets a line of its own
+        if jobs > 1 and len(arms) * len(seeds) > 1:
+            from selm.studies.parallel import done_stages, run_tasks
 
-        runs = [(out / a.name / f"seed_{s}", cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
+            runs = [(out / a.name / f"seed_{s}", cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
 
-        def progress():
-            bar.n = done_stages(runs)
-            bar.refresh()
+            def progress():
+                bar.n = done_stages(runs)
+                bar.refresh()
 
-        # First arms first: the other arms of a seed wait for its shared stages (see _run_arm).
-        order = [(i, s) for i in range(len(arms)) for s in seeds]
-        run_tasks(_run_arm, [(base, out, arms, i, s, allow_config_change, None, None, True) for i, s in order],
-                  [out / "logs" / f"{arms[i].name}_seed_{s}.log" for i, s in order], jobs, progress=progress)
-        progress()
-    else:
-        first_run: Path | None = None
-        for s in seeds:
-            for i in range(len(arms)):
-                _run_arm(base, out, arms, i, s, allow_config_change, first_run, bar)
-            first_run = first_run or out / arms[0].name / f"seed_{s}"
-    bar.close()
+            # First arms first: the other arms of a seed wait for its shared stages (see _run_arm).
+            order = [(i, s) for i in range(len(arms)) for s in seeds]
+            run_tasks(_run_arm, [(base, out, arms, i, s, allow_config_change, None, None, True) for i, s in order],
+                      [out / "logs" / f"{arms[i].name}_seed_{s}.log" for i, s in order], jobs, progress=progress)
+            progress()
+        else:
+            first_run: Path | None = None
+            for s in seeds:
+                for i in range(len(arms)):
+                    _run_arm(base, out, arms, i, s, allow_config_change, first_run, bar)
+                first_run = first_run or out / arms[0].name / f"seed_{s}"
+    finally:
+        bar.close()
     return out
 
 
