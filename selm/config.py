@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -152,6 +153,17 @@ class GenerateConfig:
 
 
 
+# Request fields an LLM judge's client sets itself; a judge's extra_body may not change them.
+JUDGE_RESERVED_FIELDS = frozenset({"model", "messages", "temperature", "max_tokens", "logprobs", "top_logprobs",
+                                   "n", "stream"})
+
+
+def check_extra_body(extra: dict, key: str) -> None:
+    clash = sorted(set(extra) & JUDGE_RESERVED_FIELDS)
+    if clash:
+        raise ConfigError(f"{key}: {', '.join(clash)} is set by selm itself; remove it")
+
+
 @dataclass
 class RankConfig:
     kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge", "llm_pairwise"] = "callable"
@@ -186,6 +198,11 @@ class RankConfig:
     max_concurrency: int = 8
     """For "http_judge": requests in flight at once (fewer for a while after the endpoint answers 429
     Too Many Requests). 1 sends one at a time."""
+    extra_body: dict = field(default_factory=dict)
+    """For "http_judge" and "llm_pairwise": extra fields for every request body, as the OpenAI SDK's
+    `extra_body`; e.g. {"structured_outputs": {"regex": "..."}} (vLLM's constrained decoding) or
+    {"chat_template_kwargs": {"enable_thinking": false}}. Fields selm sets itself (model, messages,
+    temperature, max_tokens, logprobs, top_logprobs, n, stream) are refused."""
     on_error: Literal["fail", "skip"] = "fail"
     """A ranker error or a non-finite score: "fail" stops the stage with the error; "skip" drops that
     prompt and counts it."""
@@ -193,6 +210,7 @@ class RankConfig:
     """Allow model code from the reward model folder."""
 
     def __post_init__(self):
+        check_extra_body(self.extra_body, "rank.extra_body")
         if self.batch_size < 1:
             raise ConfigError("rank.batch_size: must be >= 1")
         if self.max_retries < 0:
@@ -490,10 +508,15 @@ class MTBenchConfig:
     """Retries (exponential backoff, Retry-After honoured) of a judge request that fails."""
     judge_max_tokens: int = 1024
     """Longest judge reply, in tokens (the judge explains, then gives the rating)."""
+    judge_extra_body: dict = field(default_factory=dict)
+    """Extra fields for every judge request body, as the OpenAI SDK's `extra_body`; e.g. vLLM's
+    {"structured_outputs": {"regex": "[^\\[\\]]{0,600}\\[\\[(10|[1-9])\\]\\]"}} makes a small judge
+    end with a rating it could not otherwise be relied on to write. Fields selm sets are refused."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples (over questions) for the 95% intervals."""
 
     def __post_init__(self):
+        check_extra_body(self.judge_extra_body, "mtbench.judge_extra_body")
         for name in ("max_new_tokens", "batch_size", "max_concurrency", "judge_max_tokens", "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"mtbench.{name}: must be >= 1")
@@ -628,6 +651,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
+    if tp is dict or origin is dict:  # free-form JSON (a request's extra fields): checked as JSON only
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: must be plain JSON ({e})") from None
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -198,6 +198,20 @@ def test_connection_refused_is_one_line():
         _client(f"http://127.0.0.1:{port}/v1", max_retries=1).complete([_msgs(0)])
 
 
+def test_extra_body_goes_into_every_request_and_cannot_change_what_selm_sets(judge_server):
+    server = judge_server(lambda body, headers, n: (200, "ok", 0))
+    extra = {"structured_outputs": {"regex": "[[0-9]]"}, "chat_template_kwargs": {"enable_thinking": False}}
+    client = ChatClient(server.url, "judge-1", key="rank", extra_body=extra)
+    client.complete([_msgs(0), {"messages": _msgs(1)}], temperature=0, max_tokens=3)
+    assert len(server.requests) == 2
+    for body, _ in server.requests:
+        assert {k: body[k] for k in extra} == extra
+        assert body["model"] == "judge-1" and body["temperature"] == 0 and body["max_tokens"] == 3
+    for field in ("model", "messages", "max_tokens"):
+        with pytest.raises(ChatError, match=rf"^rank.extra_body: {field} is set by selm itself"):
+            ChatClient(server.url, "judge-1", key="rank", extra_body={field: 1})
+
+
 def test_bad_arguments():
     with pytest.raises(ChatError, match="url and a model"):
         ChatClient("", "m")

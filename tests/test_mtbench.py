@@ -266,8 +266,35 @@ def test_help_documents_every_mtbench_option(capsys):
         main(["eval", "mtbench", "--help"])
     text = capsys.readouterr().out
     keys = [(k.split(".", 1)[1], doc) for k, _, _, doc in describe_options() if k.startswith("mtbench.")]
-    assert len(keys) == 12
+    assert len(keys) == 13
     for name, doc in keys:
         assert f"--{name.replace('_', '-')}" in text and doc.split()[0] in text, name
     for flag in ("--answers", "--config", "--output-dir", "--set", "model"):
         assert flag in text
+
+
+def test_judge_extra_body_reaches_every_request_and_keys_the_judgments(tmp_path, questions, judge, capsys):
+    answers = tmp_path / "mine.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q["question_id"], "turns": ["a", "b"]}) + "\n"
+                               for q in QUESTIONS))
+    out = tmp_path / "out"
+    argv = ["eval", "mtbench", "--answers", str(answers), "--questions", str(questions), "--judge-url", judge.url,
+            "--judge-model", "j", "--output-dir", str(out)]
+    regex = r"[^\[\]]{0,600}\[\[(10|[1-9])\]\]"
+    extra = json.dumps({"structured_outputs": {"regex": regex}})
+    assert main(argv + ["--set", f"mtbench.judge_extra_body={extra}"]) == 0
+    assert len(judge.requests) == 12
+    assert all(b["structured_outputs"] == {"regex": regex} and b["temperature"] == 0 for b, _ in judge.requests)
+    (scores,) = out.glob("judge-*/scores.json")
+    assert json.loads(scores.read_text())["judge"]["extra_body"] == {"structured_outputs": {"regex": regex}}
+    # Without it: other judgments (not the cached ones), and requests without the field.
+    assert main(argv) == 0
+    assert len(judge.requests) == 24 and "structured_outputs" not in judge.requests[-1][0]
+    assert len(list(out.glob("judge-*"))) == 2
+    # A field selm sets itself is refused in one line, before any request.
+    assert main(argv + ["--set", 'mtbench.judge_extra_body={"temperature": 1}']) == 2
+    assert message_lines(capsys.readouterr().err) == [
+        "selm: error: mtbench.judge_extra_body: temperature is set by selm itself; remove it"]
+    assert main(argv + ["--set", "mtbench.judge_extra_body=[1]"]) == 2
+    assert "mtbench.judge_extra_body: expected a mapping" in capsys.readouterr().err
+    assert len(judge.requests) == 24

@@ -6,7 +6,9 @@
     replies[0].text, replies[0].top_logprobs   # in INPUT order, whatever order the server answers in
 
 Each item is a message list (sent as ``{"model", "messages", **params}``) or a whole request body
-(a dict with "messages"; its own fields win over ``params``). At most ``max_concurrency`` requests
+(a dict with "messages"; its own fields win over ``params``). ``extra_body`` adds fields to every
+request, as the OpenAI SDK's argument of that name does (e.g. vLLM's ``structured_outputs``, or
+``chat_template_kwargs`` for a reasoning model); it may not set a field the client sets itself. At most ``max_concurrency`` requests
 are in flight at once (daemon threads). With ``logprobs=True, top_logprobs=k`` a reply also carries the
 first generated token's top-k log-probabilities (a judge's soft preference).
 
@@ -36,6 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from selm.config import JUDGE_RESERVED_FIELDS as RESERVED_FIELDS
 from selm.io import InputError
 
 MAX_WAIT_S = 60.0
@@ -111,9 +114,13 @@ class ChatClient:
 
     def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
                  max_retries: int = 3, max_concurrency: int = 8, backoff_s: float = 1.0, key: str = "judge",
-                 recover_s: float = 10.0):
+                 recover_s: float = 10.0, extra_body: dict | None = None):
         if not url or not model:
             raise ChatError(f"{key}.url: a url and a model name are required")
+        clash = sorted(set(extra_body or {}) & RESERVED_FIELDS)
+        if clash:
+            raise ChatError(f"{key}.extra_body: {', '.join(clash)} is set by selm itself; remove it")
+        self.extra_body = dict(extra_body or {})
         if max_concurrency < 1 or max_retries < 0 or not timeout_s > 0:
             raise ChatError(f"{key}: max_concurrency must be >= 1, max_retries >= 0 and timeout_s > 0")
         base = url.rstrip("/")
@@ -143,8 +150,8 @@ class ChatClient:
         if isinstance(item, dict):
             if "messages" not in item:
                 raise ChatError(f"{self.key}: a request body needs \"messages\"; got keys {sorted(item)}")
-            return {"model": self.model, **params, **item}
-        return {"model": self.model, "messages": list(item), **params}
+            return {**self.extra_body, "model": self.model, **params, **item}
+        return {**self.extra_body, "model": self.model, "messages": list(item), **params}
 
     def complete(self, items: Sequence[Sequence[dict] | dict], *, where: Sequence[str] | None = None,
                  return_exceptions: bool = False, **params: Any) -> list[Reply | ChatError]:

@@ -379,7 +379,8 @@ def chat_client(cfg: RankConfig, key: str, backoff_s: float):
         raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is {cfg.kind!r}")
     try:
         return ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                          max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency, backoff_s=backoff_s, key=key)
+                          max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency, backoff_s=backoff_s, key=key,
+                          extra_body=cfg.extra_body)
     except ChatError as e:
         raise RankerError(str(e)) from None
 

@@ -245,7 +245,8 @@ def judge_answers(cfg: Config, questions: list[Question], answers: dict[Any, lis
 
     m = cfg.mtbench
     client = ChatClient(m.judge_url, m.judge_model, api_key_env=m.api_key_env, timeout_s=m.timeout_s,
-                        max_retries=m.max_retries, max_concurrency=m.max_concurrency, key="mtbench.judge")
+                        max_retries=m.max_retries, max_concurrency=m.max_concurrency, key="mtbench.judge",
+                        extra_body=m.judge_extra_body)
     cells = [(q, t) for q in questions for t in range(1, TURNS + 1)]
     replies = client.complete([judge_messages(q, answers[q.question_id], t) for q, t in cells],
                               where=[f"question_id {q.question_id!r}, turn {t}" for q, t in cells],
@@ -327,12 +328,14 @@ def run_mtbench(cfg: Config, *, model: str | None = None, answers: str | Path | 
 
     judge = {"url": m.judge_url, "model": m.judge_model, "max_tokens": m.judge_max_tokens,
              "prompt": sha256_json([JUDGE_SYSTEM, FIRST_TURN, SECOND_TURN])[:12]}
+    if m.judge_extra_body:  # (absent otherwise: judgments cached before the setting existed keep their key)
+        judge["extra_body"] = m.judge_extra_body
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", m.judge_model).strip("-")[:40]
     jdir = out / f"judge-{slug}-{sha256_json({**judge, 'answers': key})[:8]}"
 
     def make(sd: Path) -> None:
         judgments = judge_answers(cfg, questions, by_id)
-        scores = {"model_id": model_id, "judge": {k: judge[k] for k in ("url", "model")},
+        scores = {"model_id": model_id, "judge": {k: judge[k] for k in ("url", "model", "extra_body") if k in judge},
                   **summarize(judgments, samples=m.bootstrap_samples, seed=cfg.seed),
                   "answers": str(out / "answers" / "answers.jsonl"), "questions_file": str(qpath)}
         atomic_write_jsonl(sd / "judgments.jsonl", judgments)
