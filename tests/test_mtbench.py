@@ -17,8 +17,8 @@ from helpers_rank import JudgeServer
 from selm.cli import main
 from selm.config import Config
 from selm.engines import generation
-from selm.evaluation.mtbench import (PACKAGED_QUESTIONS, load_questions, parse_judge_rating, resolve_model,
-                                     summarize)
+from selm.evaluation.mtbench import (PACKAGED_QUESTIONS, format_table, load_questions, parse_judge_rating,
+                                     resolve_model, summarize)
 
 # Six questions in three categories; the judge's reply is keyed on the marker in the question text.
 QUESTIONS = [{"question_id": i, "category": cat, "turns": [f"Q{i}T1: name a colour.", f"Q{i}T2: and another one?"]}
@@ -234,6 +234,14 @@ def test_summary_of_a_hand_made_table():
     # Resampling questions: {8, 6} (mean 7) or {4}; the pooled mean is between 4 and 7.
     lo, hi = s["overall"]["ci95"]
     assert lo == 4.0 and hi == 7.0
+    assert "overall    6.00    6.00    6.00   3   95% CI [4.00, 7.00] over 2 questions" in format_table(s)
+
+
+def test_a_judge_that_never_rates_is_said_so_not_printed_as_nan():
+    rows = [{"question_id": q, "category": "a", "turn": t, "score": None} for q in (1, 2) for t in (1, 2)]
+    table = format_table(summarize(rows, samples=50, seed=0))
+    assert "nan" not in table
+    assert "no rating parsed over 2 questions" in table and "turn 1: 2, turn 2: 2" in table
 
 
 def test_a_run_folder_means_its_last_trained_iteration(tmp_path, tiny_model_dir):

@@ -290,8 +290,9 @@ def format_table(scores: dict) -> str:
     for cat, c in scores["categories"].items():
         lines.append(f"{cat:<{width}}  {f(c['turns']['1'])}  {f(c['turns']['2'])}  {f(c['mean'])}  {c['n']:>2}")
     t, o = scores["turns"], scores["overall"]
+    ci = (f"95% CI [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}]" if o["n"] else "no rating parsed")
     lines.append(f"{'overall':<{width}}  {f(t['1']['mean'])}  {f(t['2']['mean'])}  {f(o['mean'])}  {o['n']:>2}"
-                 f"   95% CI [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}] over {scores['questions']} questions")
+                 f"   {ci} over {scores['questions']} questions")
     lines.append(f"replies without a [[rating]]: turn 1: {t['1']['failed_parses']}, turn 2: {t['2']['failed_parses']}")
     return "\n".join(lines)
 
