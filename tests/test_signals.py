@@ -126,7 +126,7 @@ def test_ctrl_c_in_training_stops_after_the_step_with_a_checkpoint_and_resumes_e
 def _study(spec, out):
     """`selm study` as a terminal starts it: its own process group, which a Ctrl-C signals as a whole."""
     return subprocess.Popen(selm_cmd("study", spec, "--jobs", "2", "--output-dir", out, "--set",
-                                     "train.save_every_steps=100000", "--set", "train.epochs=40"),
+                                     "train.save_every_steps=100000", "--set", "train.epochs=120"),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -176,8 +176,9 @@ def test_a_study_stops_each_training_worker_after_its_step_on_ctrl_c_and_when_it
         assert 1 <= step <= _steps(t)
         assert "stopped by SIGINT" in (out / "logs" / f"dpo_{t.parents[1].name}.log").read_text()
 
-    # The parent killed outright (SIGKILL, the OOM killer): its workers notice and stop at their next
-    # safe point, with a checkpoint, instead of running on unseen.
+    # The parent killed outright (SIGKILL, the OOM killer): its workers notice (within PARENT_POLL_S)
+    # and stop at their next safe point, with a checkpoint, instead of running on unseen. (Training is
+    # 360 steps here, so that it cannot finish within that poll even on an idle machine.)
     before = {t: json.loads((t / "checkpoint" / "state.json").read_text())["step"] for t in trains}
     proc = _study(spec, out)
     _wait(proc, lambda: len(_children(proc.pid)) >= 2 and all(_steps(t) > before[t] for t in trains))

@@ -30,7 +30,7 @@ from pathlib import Path
 from selm.io import is_done
 
 POLL_S = 2.0
-PARENT_POLL_S = 5.0
+PARENT_POLL_S = 1.0
 
 
 def done_stages(runs: list[tuple[Path, int]]) -> int:
