@@ -188,6 +188,16 @@ def _http(url, **kw) -> HttpJudgeRanker:
     return HttpJudgeRanker(cfg, backoff_s=0.01)
 
 
+def test_http_judge_and_llm_pairwise_send_their_extra_body(judge_server):
+    server = judge_server(lambda body, headers, n: (200, "[[7]]", 0))
+    extra = {"structured_outputs": {"regex": "\\[\\[[0-9]\\]\\]"}}
+    _http(server.url, extra_body=extra).score([P], [["a", "bb"]])
+    pairwise = build_ranker(RankConfig(kind="llm_pairwise", url=server.url, judge_model="judge-1", extra_body=extra))
+    assert len(server.requests) == 2 and all(b["structured_outputs"] == extra["structured_outputs"]
+                                             for b, _ in server.requests)
+    assert pairwise.client.extra_body == extra
+
+
 @pytest.mark.parametrize("text,value", [
     ("Rating: 7", 7.0), ("[[8]]", 8.0), ("Clear and correct. Rating: [[9]]", 9.0), ("6", 6.0), ("7/10", 7.0),
     ("Rating: **6**", 6.0), ("rating is 4.5.", 4.5), ("I refuse.", None), ("[[11]]", None), ("Rating: 0", None),

@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from selm.config import JUDGE_RESERVED_FIELDS as RESERVED_FIELDS
+from selm.config import ConfigError, check_extra_body
 from selm.io import InputError
 
 MAX_WAIT_S = 60.0
@@ -117,9 +117,10 @@ class ChatClient:
                  recover_s: float = 10.0, extra_body: dict | None = None):
         if not url or not model:
             raise ChatError(f"{key}.url: a url and a model name are required")
-        clash = sorted(set(extra_body or {}) & RESERVED_FIELDS)
-        if clash:
-            raise ChatError(f"{key}.extra_body: {', '.join(clash)} is set by selm itself; remove it")
+        try:
+            check_extra_body(extra_body or {}, f"{key}.extra_body")
+        except ConfigError as e:
+            raise ChatError(str(e)) from None
         self.extra_body = dict(extra_body or {})
         if max_concurrency < 1 or max_retries < 0 or not timeout_s > 0:
             raise ChatError(f"{key}: max_concurrency must be >= 1, max_retries >= 0 and timeout_s > 0")
