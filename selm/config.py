@@ -310,6 +310,11 @@ class TrainConfig:
     """Pairs per micro-batch (per process)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is normalised so that 4x2 equals 1x8."""
+    max_forward_tokens: Optional[int] = None
+    """Split each micro-batch into forward passes of at most this many tokens (rows x padded length;
+    at least one pair each), accumulating gradients: the same step up to float summation order, with
+    the activations of one pass alive at a time. null: one pass per micro-batch. Not under
+    ZeRO-3/FSDP (their processes must run the same passes)."""
     max_length: int = 1024
     """Longest prompt + response, in tokens; responses are cut at the end to fit."""
     max_prompt_length: int = 512
@@ -340,6 +345,10 @@ class TrainConfig:
     layout: Literal["prefix", "padded"] = "prefix"
     """How sequences are batched: "prefix" encodes each prompt once for its chosen, rejected and
     exploration responses (a block mask; faster); "padded" runs one padded row per sequence."""
+    segment_attention: bool = True
+    """Prefix layout on a CPU: compute only the attention blocks the block mask allows (the prompt
+    over itself, each response over the prompt and itself): 1.6-2.6x faster attention than masked
+    SDPA over whole rows (BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
     VM for small models (see README)."""
@@ -365,6 +374,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be >= 1")
         if self.max_prompt_length < 1:
             raise ConfigError("train.max_prompt_length: must be >= 1")
+        if self.max_forward_tokens is not None and self.max_forward_tokens < 1:
+            raise ConfigError("train.max_forward_tokens: must be >= 1 or null")
         if self.max_length <= self.max_prompt_length:
             raise ConfigError("train.max_length: must be greater than train.max_prompt_length (>= 1)")
         if self.max_grad_norm < 0:

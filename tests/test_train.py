@@ -94,6 +94,44 @@ def test_grad_accumulation_4x2_equals_1x8(tmp_path, pairs_file, tiny_model_dir):
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
 
 
+def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_model_dir, monkeypatch):
+    import selm.stages.train as tr
+
+    passes = []
+    real = tr.batch_logps
+    monkeypatch.setattr(tr, "batch_logps",
+                        lambda module, batch: passes.append(batch.input_ids.numel()) or real(module, batch))
+    run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, tmp_path / "a")
+    assert len(passes) == 1
+    passes.clear()
+    run_train(cfg("train.batch_size=8", "train.max_forward_tokens=100"), pairs_file, tiny_model_dir, tmp_path / "b")
+    assert len(passes) > 2 and max(passes) <= 100  # every pass within the budget (one pair fits in 100 here)
+    a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    for name in a:  # as 4x2 vs 1x8 above: float noise through Adam's first step
+        assert_close(a[name], b[name], atol=2e-4, rtol=0)
+    ma = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    mb = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+
+
+def test_split_by_tokens():
+    from selm.objective.logprobs import TokenizedExample
+    from selm.stages.train import split_by_tokens
+
+    ex = [TokenizedExample([1] * p, [[2] * r for r in rs]) for p, rs in
+          [(4, [3, 3, 3]), (2, [1, 1, 1]), (10, [5, 6, 7]), (1, [1, 1, 1])]]
+    micros = [[0, 1, 2, 3]]
+    assert split_by_tokens(micros, ex, None, "prefix") is micros
+    # prefix rows are 13, 5, 28, 4 tokens: 2 x 13 fits 30; adding the 28-token row would make 3 x 28
+    assert split_by_tokens(micros, ex, 30, "prefix") == [[0, 1], [2], [3]]
+    assert split_by_tokens(micros, ex, 1000, "prefix") == micros
+    assert split_by_tokens(micros, ex, 1, "prefix") == [[0], [1], [2], [3]]  # one pair at least
+    # padded: 3 rows of prompt + longest response: 7, 3, 17, 2 -> 3 x 7 = 21; 6 x 7 = 42 > 40
+    assert split_by_tokens([[0, 1], [2, 3]], ex, 40, "padded") == [[0], [1], [2], [3]]
+    assert split_by_tokens([[0, 1], [2, 3]], ex, 42, "padded") == [[0, 1], [2], [3]]
+
+
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, pairs_file, tiny_model_dir, recwarn):
     run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, tmp_path / "a")
     run_train(cfg("train.batch_size=8", "train.gradient_checkpointing=true"), pairs_file, tiny_model_dir, tmp_path / "b")

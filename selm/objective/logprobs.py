@@ -27,6 +27,7 @@ from torch import nn
 
 from selm.chat import encode_prompt, encode_response, end_of_turn_ids, prompt_text
 from selm.data import PairRecord
+from selm.objective.attention import use_segments
 from selm.objective.lmhead import token_logps as chunked_token_logps
 
 KINDS = ("chosen", "rejected", "explore")
@@ -89,7 +90,8 @@ class LogpBatch:
     (R, 1, T, T) boolean block mask for "prefix". src_row, src_pos, target, seq: (M,) for the M
     response tokens: the token ``target`` is predicted by the hidden state at (src_row, src_pos) and
     belongs to output sequence ``seq`` = kind * B + example index (kind 0 chosen, 1 rejected,
-    2 exploration).
+    2 exploration). seg_lens (prefix only): each row's prompt and response lengths, which segment
+    attention (selm/objective/attention.py) computes the mask's blocks from.
     """
 
     input_ids: torch.Tensor
@@ -101,6 +103,7 @@ class LogpBatch:
     seq: torch.Tensor
     num_examples: int
     num_kinds: int
+    seg_lens: torch.Tensor | None = None  # (R, 1 + K) prompt and response lengths of each prefix row
 
     @property
     def num_tokens(self) -> int:
@@ -166,8 +169,9 @@ def collate_prefix(examples: Sequence[TokenizedExample], pad_id: int) -> LogpBat
         # Padding rows attend to themselves so no row of the softmax is empty.
         for t in range(start, T):
             allowed[i, t, t] = True
+    seg_lens = torch.tensor([[len(e.prompt)] + [len(r) for r in e.responses] for e in examples])
     return LogpBatch(ids, allowed.unsqueeze(1), pos, torch.tensor(src_row), torch.tensor(src_pos),
-                     torch.tensor(target), torch.tensor(seq), B, K)
+                     torch.tensor(target), torch.tensor(seq), B, K, seg_lens)
 
 
 COLLATORS = {"padded": collate_padded, "prefix": collate_prefix}
@@ -178,16 +182,26 @@ class ResponseLogps(nn.Module):
 
     A module (rather than a function) so that DDP/FSDP wrappers see the whole computation as one
     forward. The LM head runs only on the M hidden states that predict response tokens.
+    `segments` (default: where the model allows it, selm/objective/attention.py): prefix batches on
+    a CPU compute only the block mask's blocks; False keeps the masked SDPA over whole rows.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, segments: bool | None = None):
         super().__init__()
         self.model = model
+        self.segments = use_segments(model) if segments in (None, True) else False
+        if segments and not self.segments:
+            raise ValueError(f"{type(model).__name__} cannot take segment attention")
 
-    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, target, seq, num_seqs: int):
+    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, target, seq, num_seqs: int,
+                seg_lens=None):
         decoder = self.model.get_decoder()
+        extra = {}
+        if self.segments and seg_lens is not None and input_ids.device.type == "cpu":
+            # The blocks are in seg_lens; a mask would only be built to be ignored.
+            attention_mask, extra["seg_lens"] = None, tuple(map(tuple, seg_lens.tolist()))
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # (R, T, H)
+                         use_cache=False, **extra).last_hidden_state  # (R, T, H)
         h = hidden[src_row, src_pos]  # (M, H)
         head = self.model.get_output_embeddings()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -205,7 +219,7 @@ class ResponseLogps(nn.Module):
 def batch_logps(module: nn.Module, batch: LogpBatch) -> dict[str, torch.Tensor]:
     """Run a ResponseLogps (possibly wrapped) on a batch; returns {"chosen", "rejected"[, "explore"]} -> (B,)."""
     flat = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.src_row, batch.src_pos,
-                  batch.target, batch.seq, batch.num_examples * batch.num_kinds)
+                  batch.target, batch.seq, batch.num_examples * batch.num_kinds, seg_lens=batch.seg_lens)
     B = batch.num_examples
     return {KINDS[k]: flat[k * B:(k + 1) * B] for k in range(batch.num_kinds)}
 

@@ -129,7 +129,7 @@ def reference_logps(module: ResponseLogps, ref_model_path: Path | None, examples
     given, of that model, loaded for this only so it is never held during training."""
     if ref_model_path is not None:
         ref_model = load_causal_lm(Path(ref_model_path), cfg.model.dtype, cfg.model.trust_remote_code).to(device)
-        module = ResponseLogps(ref_model)
+        module = ResponseLogps(ref_model, segments=None if cfg.train.segment_attention else False)
     return score_logps(module, examples, batch_size=cfg.train.ref_batch_size, collate=collate, pad_id=pad_id,
                        device=device, autocast_dtype=autocast_dtype(cfg.train, device), indices=indices,
                        num_batches=num_batches, progress="reference log-probs" if dist.is_main() else None)
@@ -285,6 +285,30 @@ class StepStats:
     lr: float
     nonfinite: dict[str, list[int]] = field(default_factory=dict)
     """Loss term ("dpo", "explore") -> this process's example indices where it was NaN or infinite."""
+
+
+def split_by_tokens(micros: list[list[int]], examples: list[TokenizedExample], budget: int | None, layout: str
+                    ) -> list[list[int]]:
+    """Each micro-batch cut, in order, into runs whose collated size (rows x longest row) stays within
+    `budget` tokens; a run has at least one example. None: unchanged."""
+    if budget is None:
+        return micros
+    out = []
+    for idx in micros:
+        run: list[int] = []
+        longest = 0
+        for i in idx:
+            e = examples[i]
+            k = len(e.responses)
+            rows, length = (1, len(e.prompt) + sum(map(len, e.responses))) if layout == "prefix" else (
+                k, len(e.prompt) + max(map(len, e.responses)))
+            if run and (len(run) + 1) * rows * max(longest, length) > budget:
+                out.append(run)
+                run, longest = [], 0
+            run.append(i)
+            longest = max(longest, length)
+        out.append(run)
+    return out
 
 
 def train_step(accelerator, module, optimizer, scheduler, data: TrainData, micros: list[list[int]], *,
@@ -501,6 +525,9 @@ def run_train(
     _prepare(tc, stage_dir)
     accelerator = _accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if tc.max_forward_tokens is not None and _sharded(accelerator):
+        raise InputError("train.max_forward_tokens: not supported under ZeRO-3/FSDP (every process must run the "
+                         "same forward passes); use gradient checkpointing or a smaller train.batch_size there")
     if ref_model_path is not None and _sharded(accelerator):
         raise InputError("--ref-model / train.reference=initial: a separate reference model is not supported under "
                          "ZeRO-3/FSDP yet; train without it (the start model is the reference) or with DDP")
@@ -512,7 +539,8 @@ def run_train(
     tokenizer, examples, model = _load_inputs(pairs_path, model_path, cfg, device)
     plan = StepPlan.build(len(examples), tc, seed, world)
     total_steps = len(plan.steps)
-    module, optimizer = accelerator.prepare(ResponseLogps(model), build_optimizer(model, tc, lr, device))
+    module, optimizer = accelerator.prepare(ResponseLogps(model, segments=None if tc.segment_attention else False),
+                                           build_optimizer(model, tc, lr, device))
     # On the wrapped optimizer: ZeRO-3 regroups the parameters into its own flat partitions.
     scheduler = build_scheduler(optimizer, tc, total_steps)
     data = _train_data(module, examples, tokenizer.pad_token_id, cfg, pairs_path, model_path, ref_model_path,
@@ -529,7 +557,8 @@ def run_train(
     for step in range(start_step, end):
         t0 = time.perf_counter()
         step_examples = plan.steps[step]
-        micros = micro_batches(step_examples, rank, world, tc.batch_size)
+        micros = split_by_tokens(micro_batches(step_examples, rank, world, tc.batch_size), data.examples,
+                                 tc.max_forward_tokens, tc.layout)
         stats = train_step(accelerator, module, optimizer, scheduler, data, micros,
                            normaliser=len(step_examples) / world, tc=tc)
         bar.update(1)
