@@ -1,8 +1,8 @@
 """Training throughput: selm's training stage vs TRL's DPOTrainer, side by side in one run.
 
     python benchmarks/train_step.py [--model smollm2|tiny|random-smollm2-135m|PATH] [--pairs 24]
-        [--batch-size 8] [--prompt-len 64] [--response-len 96] [--threads 1,2] [--trl-threads 1,2]
-        [--repeats 3] [--layout prefix|padded] [--bf16 | --no-bf16] [--precision-ab]
+        [--batch-size 8] [--micro-batch N] [--ref-batch 16] [--prompt-len 64] [--response-len 96]
+        [--threads 1,2] [--trl-threads 1,2] [--repeats 3] [--layout prefix|padded] [--bf16 | --no-bf16] [--precision-ab] [--also K=V,...]
 
 With no arguments it measures the demo model, SmolLM2-135M-Instruct, under bf16 autocast, 24 pairs,
 1 and 2 threads each side, 3 repeats: the command behind the training figures in BENCHMARKS.md
@@ -48,6 +48,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -206,11 +207,13 @@ def worker_selm(spec: dict) -> dict:
     tr.reference_logps, tr._save_hf = timed_ref, timed_save
     cfg = load_config(None, [
         f"train.alpha={spec['alpha']}", "train.beta=0.01", "train.learning_rate=1e-6", "train.epochs=1",
-        f"train.batch_size={spec['batch_size']}", "train.grad_accum=1", f"train.max_length={spec['max_length']}",
+        f"train.batch_size={spec['micro_batch']}", f"train.grad_accum={spec['batch_size'] // spec['micro_batch']}",
+        f"train.max_length={spec['max_length']}",
         f"train.max_prompt_length={spec['max_prompt_length']}", f"train.layout={spec['layout']}",
         f"train.bf16={str(spec['bf16']).lower()}", f"train.num_threads={spec['threads']}", "train.tensorboard=false",
-        "train.ref_batch_size=16", "train.lr_scheduler=cosine", "train.warmup_ratio=0.1", "train.max_grad_norm=1.0",
-    ])
+        f"train.ref_batch_size={spec['ref_batch']}", "train.lr_scheduler=cosine", "train.warmup_ratio=0.1",
+        "train.max_grad_norm=1.0",
+    ] + spec.get("extra", []))
     tr.run_train(cfg, Path(spec["pairs"]), Path(spec["model"]), Path(spec["out"]))
     assert torch.get_num_threads() == spec["threads"]
     tok = load_tokenizer(Path(spec["model"]))
@@ -248,8 +251,9 @@ def worker_trl(spec: dict) -> dict:
     steps = math.ceil(len(rows) / spec["batch_size"])
     args = DPOConfig(
         output_dir=spec["out"], beta=0.01, loss_type=["sigmoid"], learning_rate=1e-6, num_train_epochs=1,
-        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_length=spec["max_length"], precompute_ref_log_probs=True, precompute_ref_batch_size=16,
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["batch_size"] // spec["micro_batch"],
+        max_length=spec["max_length"], precompute_ref_log_probs=True, precompute_ref_batch_size=spec["ref_batch"],
         lr_scheduler_type="cosine", warmup_steps=math.ceil(0.1 * steps), max_grad_norm=1.0, weight_decay=0.0,
         bf16=spec["bf16"], gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_pin_memory=False, seed=0, max_steps=spec.get("max_steps", -1),
@@ -308,7 +312,8 @@ def worker_profile(spec: dict) -> dict:
 
         overrides = [
             f"train.alpha={spec['alpha']}", "train.beta=0.01", "train.learning_rate=1e-6",
-            f"train.batch_size={spec['batch_size']}", f"train.max_length={spec['max_length']}",
+            f"train.batch_size={spec['micro_batch']}", f"train.grad_accum={spec['batch_size'] // spec['micro_batch']}",
+            f"train.max_length={spec['max_length']}",
             f"train.max_prompt_length={spec['max_prompt_length']}", f"train.layout={spec['layout']}",
             f"train.bf16={str(spec['bf16']).lower()}", f"train.num_threads={spec['threads']}", "train.tensorboard=false",
         ]
@@ -396,7 +401,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (the demo model, default) | tiny | random-smollm2-135m | a model folder")
     p.add_argument("--pairs", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--micro-batch", type=int, help="pairs per forward pass, both sides (default: --batch-size); "
+                   "the rest is gradient accumulation. Long sequences need it: at prompt 512 / responses "
+                   "512, 8 pairs in one forward hold over 24 GB of activations")
+    p.add_argument("--ref-batch", type=int, default=16, help="pairs per no-grad reference batch, both sides")
     p.add_argument("--prompt-len", type=int, default=64, help="templated prompt tokens (about)")
     p.add_argument("--response-len", type=int, default=96, help="response tokens incl. end-of-turn (about)")
     p.add_argument("--jitter", type=float, default=0.25, help="lengths vary uniformly by +- this fraction")
@@ -408,6 +417,8 @@ def main() -> None:
                    help="bf16 autocast on both sides (default; --no-bf16 for fp32)")
     p.add_argument("--precision-ab", action="store_true", help="selm only: fp32 vs bf16 autocast side by side "
                    "at the first --threads value (no TRL, no matmul peak); prints the bf16/fp32 time ratio")
+    p.add_argument("--also", metavar="KEY=VALUE,...", help="add a variant selm* that is selm with these config "
+                   "overrides (e.g. train.segment_attention=false), timed in the same rotation")
     p.add_argument("--alpha", type=float, default=1e-3, help="selm's alpha (> 0: exploration responses trained)")
     p.add_argument("--keep", type=Path, help="keep the model, pairs and worker logs in this folder")
     p.add_argument("--profile", choices=["selm", "trl"], help="instead of timing, profile N optimizer steps of one "
@@ -425,11 +436,16 @@ def main() -> None:
         pairs = tmp / "pairs.jsonl"
         make_pairs(tok, pairs, a.pairs, a.prompt_len, a.response_len, a.jitter, seed=0)
         longest = math.ceil(max(a.prompt_len, a.response_len) * (1 + a.jitter)) + 16
-        base = {"model": str(model), "pairs": str(pairs), "batch_size": a.batch_size, "layout": a.layout,
+        micro = a.micro_batch or a.batch_size
+        if a.batch_size % micro:
+            sys.exit(f"--micro-batch {micro} must divide --batch-size {a.batch_size}")
+        base = {"model": str(model), "pairs": str(pairs), "batch_size": a.batch_size, "micro_batch": micro,
+                "ref_batch": a.ref_batch, "layout": a.layout,
                 "bf16": a.bf16, "alpha": a.alpha, "max_prompt_length": longest, "max_length": 2 * longest}
         n_params = count_params(model)
         log = tmp / "workers.log"
-        print(f"model {a.model} ({model}), {n_params / 1e6:.2f}M params; {a.pairs} pairs, batch {a.batch_size}, "
+        print(f"model {a.model} ({model}), {n_params / 1e6:.2f}M params; {a.pairs} pairs, batch {a.batch_size} "
+              f"(micro-batch {micro}), "
               f"prompt ~{a.prompt_len} / response ~{a.response_len} tokens (+-{a.jitter:.0%}), layout {a.layout}, "
               f"{'bf16 autocast' if a.bf16 else 'fp32'}, selm alpha {a.alpha:g}", flush=True)
 
@@ -455,6 +471,9 @@ def main() -> None:
         ours_threads = [int(x) for x in a.threads.split(",") if x]
         trl_threads = [int(x) for x in a.trl_threads.split(",") if x]
         variants = [("selm", n) for n in ours_threads] + [("trl", n) for n in trl_threads]
+        extra = {"selm": [], "selm*": (a.also or "").split(",") if a.also else [], "trl": []}
+        if a.also:
+            variants += [("selm*", n) for n in ours_threads]
         dtypes = ["float32"] + (["bfloat16"] if a.bf16 else [])
         peaks = {n: spawn("peak", {"dtypes": dtypes}, n, log) for n in sorted({n for _, n in variants})}
         for n, pk in peaks.items():
@@ -465,12 +484,11 @@ def main() -> None:
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for kind, n in order:
                 out = tmp / f"{kind}{n}_r{r}"
-                res = spawn(kind, dict(base, out=str(out)), n, log)
+                shutil.rmtree(out, ignore_errors=True)  # a kept folder from an earlier run would resume
+                res = spawn(kind.rstrip("*"), dict(base, out=str(out), extra=extra[kind]), n, log)
                 results[(kind, n)].append(res)
                 print(f"  repeat {r} {kind}@{n}: train {res['train']:.2f} s, ref {res['ref']:.2f} s", flush=True)
                 if not a.keep:
-                    import shutil
-
                     shutil.rmtree(out, ignore_errors=True)
 
         print(f"\n{'variant':<9}{'train s':>9}{'ref s':>8}{'pairs/s':>9}{'pairs/s+ref':>12}{'tokens':>8}"
@@ -485,7 +503,7 @@ def main() -> None:
             rate = flops / both
             peak = peaks[n]["bfloat16" if a.bf16 else "float32"]
             summary[(kind, n)] = (x["pairs"] / train, x["pairs"] / both)
-            print(f"{kind + '@' + str(n):<9}{train:>9.2f}{ref:>8.2f}{x['pairs'] / train:>9.2f}{x['pairs'] / both:>12.2f}"
+            print(f"{kind + '@' + str(n):<9}{train:>9.2f}{ref:>8.2f}{x['pairs'] / train:>9.3f}{x['pairs'] / both:>12.3f}"
                   f"{x['tokens']:>8}{x['response_tokens']:>9}{rate / 1e9:>9.2f}{rate / peak:>7.1%}")
         best = {k: max((n for kk, n in variants if kk == k), key=lambda n: summary[(k, n)][0]) for k in ("selm", "trl")}
         ours, trl = summary[("selm", best["selm"])], summary[("trl", best["trl"])]
@@ -499,6 +517,11 @@ def main() -> None:
         paired = statistics.median(o["pairs"] / o["train"] / (t["pairs"] / t["train"])
                                    for o, t in zip(results[("selm", best["selm"])], results[("trl", best["trl"])]))
         print(f"best thread counts: selm {best['selm']}, TRL {best['trl']}; median of same-repeat ratios {paired:.3f}")
+        if a.also:
+            for n in ours_threads:
+                print(f"selm / selm* ({a.also}) at {n} thread(s): train "
+                      f"{summary[('selm', n)][0] / summary[('selm*', n)][0]:.3f}, train+ref "
+                      f"{summary[('selm', n)][1] / summary[('selm*', n)][1]:.3f}")
         print(f"ratio incl. reference precompute={ours[1] / trl[1]:.3f}")
         print(f"ratio={ours[0] / trl[0]:.3f}")
 
