@@ -118,3 +118,18 @@ def test_other_attention_choices_are_kept(tmp_path):
     model.save_pretrained(tmp_path)
     assert NAME not in (tmp_path / "config.json").read_text()
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_models_whose_attention_is_not_plain_causal_keep_sdpa():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    windowed = MistralForCausalLM(MistralConfig(sliding_window=4, **small))
+    assert not use_segments(windowed) and windowed.config._attn_implementation == "sdpa"
+    assert use_segments(MistralForCausalLM(MistralConfig(sliding_window=None, **small)))
+    with pytest.raises(RuntimeError, match="cannot apply softcap"):
+        from selm.objective.attention import hf_segment_attention
+
+        q = torch.zeros(1, 2, 3, 8)
+        hf_segment_attention(None, q, q, q, None, seg_lens=((1, 2),), softcap=50.0)

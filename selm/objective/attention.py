@@ -113,6 +113,9 @@ def hf_segment_attention(module, query, key, value, attention_mask, dropout: flo
                          seg_lens=None, **kwargs):
     """transformers' attention-interface signature; `seg_lens` arrives through the model's kwargs.
     Without it (a padded batch, generation, tensors off the CPU) this is plain SDPA with the mask."""
+    for name in UNSUPPORTED:
+        if kwargs.get(name) is not None:  # use_segments refuses such models; this guards the rest
+            raise RuntimeError(f"attention '{NAME}' cannot apply {name}")
     if seg_lens is None or query.device.type != "cpu":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -121,12 +124,23 @@ def hf_segment_attention(module, query, key, value, attention_mask, dropout: flo
     return segment_attention(query, key, value, seg_lens, scaling), None
 
 
+UNSUPPORTED = ("sliding_window", "softcap", "s_aux")  # attention-interface arguments segments do not apply
+
+
+def _plain_causal(config) -> bool:
+    """No sliding windows, logit soft-capping or attention sinks: the attention the blocks reproduce."""
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "sliding_window", None) and getattr(
+            config, "use_sliding_window", True):
+        return False
+    return not any("sliding" in str(t) for t in getattr(config, "layer_types", None) or ())
+
+
 def use_segments(model) -> bool:
     """Switch `model` to segment attention where it can take it: a transformers model that takes its
-    attention function from the attention interface and runs SDPA (a user's eager or
-    flash-attention choice is kept). Batches without seg_lens still get SDPA. Returns whether it did."""
+    attention function from the attention interface, runs SDPA (a user's eager or flash-attention
+    choice is kept) and has plain causal attention (no sliding window, soft-capping or sinks). Batches without seg_lens still get SDPA. Returns whether it did."""
     config = getattr(model, "config", None)
-    if not getattr(model, "_supports_attention_backend", False) or config is None:
+    if not getattr(model, "_supports_attention_backend", False) or config is None or not _plain_causal(config):
         return False
     if config._attn_implementation == NAME:
         return True
