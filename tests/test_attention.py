@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from selm.data import PairRecord
 from selm.objective.attention import NAME, segment_attention, use_segments
 from selm.objective.logprobs import ResponseLogps, batch_logps, collate_padded, collate_prefix, tokenize_pairs
 from selm.tiny import build_tiny_model, build_tiny_tokenizer
+from test_logprobs import PAIRS
 
 
 def block_mask(seg_lens, T):
@@ -54,15 +54,6 @@ def test_equals_block_mask_sdpa_in_values_and_gradients(seg_lens, heads, kv_head
     w = torch.randn_like(want) * real  # padding positions never reach a loss
     for a, b in zip(torch.autograd.grad((want * w).sum(), (q, k, v)), torch.autograd.grad((got * w).sum(), (q, k, v))):
         assert_close(a, b, atol=1e-12, rtol=1e-12)
-
-
-PAIRS = [
-    PairRecord([{"role": "user", "content": "Say hi"}], "Hi there, friend!", "no", "hello"),
-    PairRecord([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
-                {"role": "assistant", "content": "Yes?"}, {"role": "user", "content": "Name a colour."}],
-               "Blue.", "I would rather talk about something else entirely.", "Red, or maybe green."),
-    PairRecord([{"role": "user", "content": "x" * 40}], "short", "a much longer rejected answer here", "y0"),
-]
 
 
 def logps_and_grads(segments: bool, *, checkpointing: bool = False, collate=collate_prefix):
