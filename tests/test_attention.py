@@ -56,14 +56,15 @@ def test_equals_block_mask_sdpa_in_values_and_gradients(seg_lens, heads, kv_head
         assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def logps_and_grads(segments: bool, *, checkpointing: bool = False, collate=collate_prefix):
+def logps_and_grads(segments: bool, *, checkpointing: bool = False, collate=collate_prefix, autocast=None):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(len(tok), seed=1)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = ResponseLogps(model, segments=segments).train()
     ex = tokenize_pairs(tok, PAIRS, max_length=200, max_prompt_length=100, with_exploration=True)
-    out = batch_logps(module, collate(ex, tok.pad_token_id))
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        out = batch_logps(module, collate(ex, tok.pad_token_id))
     (out["chosen"] - 2 * out["rejected"] + 0.5 * out["explore"]).sum().backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}, model
 
@@ -77,6 +78,17 @@ def test_model_logps_and_gradients_equal_the_block_mask_path(checkpointing):
         assert_close(out_seg[kind], out_mask[kind], atol=1e-5, rtol=1e-5)
     for name in grads_mask:
         assert_close(grads_seg[name], grads_mask[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_equals_the_block_mask_path_within_bf16_tolerance():
+    """Under autocast, rotary embeddings leave q and k in float32 and v in bf16; both paths cast as SDPA does."""
+    out_mask, grads_mask, _ = logps_and_grads(False, autocast=torch.bfloat16)
+    out_seg, grads_seg, _ = logps_and_grads(True, autocast=torch.bfloat16)
+    for kind in out_mask:
+        assert_close(out_seg[kind], out_mask[kind], atol=0.1, rtol=0.02)
+    flat = lambda g: torch.cat([v.flatten() for v in g.values()])
+    a, b = flat(grads_mask), flat(grads_seg)
+    assert torch.isfinite(b).all() and torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
 
 
 def test_switched_model_still_runs_sdpa_without_segments():

@@ -106,6 +106,12 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_len
     from position 0 (positions after their sum are padding). Returns (B, T, H, D)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    # As SDPA under autocast: one dtype for all three (rotary embeddings leave q, k in float32 and v
+    # in the autocast dtype). Cast outside the Function, so gradients flow back through the casts.
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(
+        torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _SegmentAttention.apply(q, k, v, tuple(tuple(int(x) for x in r) for r in seg_lens), float(scale))
 
 
