@@ -144,7 +144,8 @@ def _plain_causal(config) -> bool:
 def use_segments(model) -> bool:
     """Switch `model` to segment attention where it can take it: a transformers model that takes its
     attention function from the attention interface, runs SDPA (a user's eager or flash-attention
-    choice is kept) and has plain causal attention (no sliding window, soft-capping or sinks). Batches without seg_lens still get SDPA. Returns whether it did."""
+    choice is kept) and has plain causal attention (no sliding window, soft-capping or sinks).
+    Batches without seg_lens still get SDPA. Returns whether it did."""
     config = getattr(model, "config", None)
     if not getattr(model, "_supports_attention_backend", False) or config is None or not _plain_causal(config):
         return False
