@@ -53,6 +53,8 @@ def test_a_huge_learning_rate_stops_at_the_first_nonfinite_step_and_the_fixed_re
     assert math.isfinite(rows[0]["grad_norm"]) and not math.isfinite(rows[1]["grad_norm"])
     assert not (out / "model").exists() and not (out / "DONE.json").exists()
     assert not (out / "checkpoint").exists()  # saved after step 1 (save_every_steps=1), removed on the stop
+    from selm import signals
+    assert signals.pending() is None and not signals._defer  # a later Ctrl-C stops at once, not after a step
 
     fixed = cfg()
     run_train(fixed, pairs_file, tiny_model_dir, out)  # the same folder: starts over

@@ -554,33 +554,35 @@ def run_train(
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
     signals.defer(True)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
-    for step in range(start_step, end):
-        t0 = time.perf_counter()
-        step_examples = plan.steps[step]
-        micros = split_by_tokens(micro_batches(step_examples, rank, world, tc.batch_size), data.examples,
-                                 tc.max_forward_tokens, tc.layout)
-        stats = train_step(accelerator, module, optimizer, scheduler, data, micros,
-                           normaliser=len(step_examples) / world, tc=tc)
-        bar.update(1)
-        done = step + 1
-        diverged = bool(stats.nonfinite) or not _finite(stats.grad_norm)
-        if done % tc.logging_steps == 0 or done == total_steps or diverged:
-            stats = all_processes(stats)
-            if accelerator.is_main_process:
-                _log_step(stage_dir, loggers, bar, stats, step=done, total_steps=total_steps, epochs=tc.epochs,
-                          seconds=time.perf_counter() - t0, pairs=len(step_examples))
-        if diverged:
-            _close(bar, loggers)
-            stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
-        stop = _stop_requested(world)
-        if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
-            metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
-            _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
-        if stop and done < total_steps:
-            _close(bar, loggers)  # flushes this run's events; a resume purges those after its checkpoint
-            raise signals.Interrupted(stop)
-    stop = _stop_requested(world)  # a signal during the last step: the stage is finished first
-    signals.defer(False)
+    try:
+        for step in range(start_step, end):
+            t0 = time.perf_counter()
+            step_examples = plan.steps[step]
+            micros = split_by_tokens(micro_batches(step_examples, rank, world, tc.batch_size), data.examples,
+                                     tc.max_forward_tokens, tc.layout)
+            stats = train_step(accelerator, module, optimizer, scheduler, data, micros,
+                               normaliser=len(step_examples) / world, tc=tc)
+            bar.update(1)
+            done = step + 1
+            diverged = bool(stats.nonfinite) or not _finite(stats.grad_norm)
+            if done % tc.logging_steps == 0 or done == total_steps or diverged:
+                stats = all_processes(stats)
+                if accelerator.is_main_process:
+                    _log_step(stage_dir, loggers, bar, stats, step=done, total_steps=total_steps, epochs=tc.epochs,
+                              seconds=time.perf_counter() - t0, pairs=len(step_examples))
+            if diverged:
+                _close(bar, loggers)
+                stop_if_nonfinite(stats, step=done, total_steps=total_steps, stage_dir=stage_dir, pairs_path=pairs_path)
+            stop = _stop_requested(world)
+            if tc.save_every_steps and (done % tc.save_every_steps == 0 or stop) and done < total_steps:
+                metrics_bytes = dist.broadcast((stage_dir / PARTIAL).stat().st_size if accelerator.is_main_process else 0)
+                _save_checkpoint(accelerator, stage_dir / CHECKPOINT, module, optimizer, scheduler, done, metrics_bytes)
+            if stop and done < total_steps:
+                _close(bar, loggers)  # flushes this run's events; a resume purges those after its checkpoint
+                raise signals.Interrupted(stop)
+        stop = _stop_requested(world)  # a signal during the last step: the stage is finished first
+    finally:
+        signals.defer(False)  # also when a step raised: a later Ctrl-C must stop at once
     _close(bar, loggers)
     if end < total_steps:
         return {"stopped_at": max_steps}
