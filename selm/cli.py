@@ -318,6 +318,21 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    from selm import dist
+
+    if dist.world_size() > 1:
+        # Under a launcher a finished rank leaves without the interpreter's teardown: gloo's
+        # worker threads, destroyed there, intermittently abort the process ("terminate called
+        # without an active exception", SIGABRT) after every file was written, and the launcher
+        # then reports a finished run as failed. Every artifact is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-shard load/save bars would bury our own stage progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
