@@ -5,15 +5,16 @@
 #
 #   bash benchmarks/memory_ab.sh [--bf16] ["name|memory.py options" ...]
 #
-# Without settings: the default, max_forward_tokens=512, the same with release_memory, and
-# low-memory (release_memory + gradient checkpointing): the BENCHMARKS.md table. --bf16: bf16 autocast (needs a CPU with bf16
-# instructions to be fast); fp32 otherwise.
+# Without settings: the default (max_forward_tokens "auto": 512 tokens per forward pass on a CPU), one
+# pass per micro-batch (max_forward_tokens=null, the default before), the default with release_memory,
+# and low-memory (release_memory + gradient checkpointing): the BENCHMARKS.md table. --bf16: bf16
+# autocast (needs a CPU with bf16 instructions to be fast); fp32 otherwise.
 cd "$(dirname "$0")/.."
 precision=""
 if [ "$1" = "--bf16" ]; then precision="--bf16"; shift; fi
 if [ $# -eq 0 ]; then
-  set -- "default|" "max_forward_tokens=512|--set train.max_forward_tokens=512" \
-         "max_forward_tokens=512+release_memory|--set train.max_forward_tokens=512 --set train.release_memory=true" \
+  set -- "default|" "one pass per micro-batch|--set train.max_forward_tokens=null" \
+         "default+release_memory|--set train.release_memory=true" \
          "low-memory|--set train.release_memory=true --set train.gradient_checkpointing=true"
 fi
 for r in 0 1; do

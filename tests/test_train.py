@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from selm.io import atomic_write_jsonl
-from selm.config import load_config
+from selm.config import ConfigError, load_config
 from selm.stages.train import StepPlan, lr_lambda, run_train
 
 PAIRS = [
@@ -101,11 +101,17 @@ def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_mode
     real = tr.batch_logps
     monkeypatch.setattr(tr, "batch_logps",
                         lambda module, batch: passes.append(batch.input_ids.numel()) or real(module, batch))
-    run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, tmp_path / "a")
+    run_train(cfg("train.batch_size=8", "train.max_forward_tokens=null"), pairs_file, tiny_model_dir, tmp_path / "a")
     assert len(passes) == 1
     passes.clear()
     run_train(cfg("train.batch_size=8", "train.max_forward_tokens=100"), pairs_file, tiny_model_dir, tmp_path / "b")
     assert len(passes) > 2 and max(passes) <= 100  # every pass within the budget (one pair fits in 100 here)
+    # The default, "auto", is a budget on a CPU: the same passes as that budget.
+    monkeypatch.setattr(tr, "AUTO_FORWARD_TOKENS_CPU", 100)
+    auto = passes[:]
+    passes.clear()
+    run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, tmp_path / "c")
+    assert passes == auto
     a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     for name in a:  # as 4x2 vs 1x8 above: float noise through Adam's first step
         assert_close(a[name], b[name], atol=2e-4, rtol=0)
@@ -113,6 +119,21 @@ def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_mode
     mb = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+
+
+def test_forward_tokens_auto_is_a_budget_on_cpus_only():
+    from selm.stages.train import AUTO_FORWARD_TOKENS_CPU, forward_tokens
+
+    assert forward_tokens("auto", "cpu", sharded=False) == AUTO_FORWARD_TOKENS_CPU == 512
+    assert forward_tokens("auto", "cpu", sharded=True) is None  # ZeRO-3/FSDP: every process the same passes
+    assert forward_tokens("auto", "cuda:0", sharded=False) is None
+    assert forward_tokens(100, "cuda:0", sharded=False) == 100 and forward_tokens(None, "cpu", False) is None
+    assert load_config(None, []).train.max_forward_tokens == "auto"
+    assert load_config(None, ["train.max_forward_tokens=300"]).train.max_forward_tokens == 300
+    assert load_config(None, ["train.max_forward_tokens=null"]).train.max_forward_tokens is None
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError, match="train.max_forward_tokens"):
+            load_config(None, [f"train.max_forward_tokens={bad}"])
 
 
 def test_split_by_tokens():

@@ -287,6 +287,18 @@ class StepStats:
     """Loss term ("dpo", "explore") -> this process's example indices where it was NaN or infinite."""
 
 
+AUTO_FORWARD_TOKENS_CPU = 512
+"""train.max_forward_tokens "auto" on a CPU: at the demo's settings one ~350-token pair per pass
+ran as fast as eight pairs per pass at half the peak memory (BENCHMARKS.md, Memory)."""
+
+
+def forward_tokens(setting: int | str | None, device, sharded: bool) -> int | None:
+    """The token budget of one forward pass for train.max_forward_tokens (None: no split)."""
+    if setting != "auto":
+        return setting  # type: ignore[return-value]
+    return AUTO_FORWARD_TOKENS_CPU if torch.device(device).type == "cpu" and not sharded else None
+
+
 def split_by_tokens(micros: list[list[int]], examples: list[TokenizedExample], budget: int | None, layout: str
                     ) -> list[list[int]]:
     """Each micro-batch cut, in order, into runs whose collated size (rows x longest row) stays within
@@ -525,7 +537,7 @@ def run_train(
     _prepare(tc, stage_dir)
     accelerator = _accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if tc.max_forward_tokens is not None and _sharded(accelerator):
+    if isinstance(tc.max_forward_tokens, int) and _sharded(accelerator):
         raise InputError("train.max_forward_tokens: not supported under ZeRO-3/FSDP (every process must run the "
                          "same forward passes); use gradient checkpointing or a smaller train.batch_size there")
     if ref_model_path is not None and _sharded(accelerator):
@@ -553,13 +565,14 @@ def run_train(
     module.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
+    forward_budget = forward_tokens(tc.max_forward_tokens, device, _sharded(accelerator))
     signals.defer(True)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
     try:
         for step in range(start_step, end):
             t0 = time.perf_counter()
             step_examples = plan.steps[step]
             micros = split_by_tokens(micro_batches(step_examples, rank, world, tc.batch_size), data.examples,
-                                     tc.max_forward_tokens, tc.layout)
+                                     forward_budget, tc.layout)
             stats = train_step(accelerator, module, optimizer, scheduler, data, micros,
                                normaliser=len(step_examples) / world, tc=tc)
             bar.update(1)
