@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/memory_ab.sh [--bf16] ["name|memory.py options" ...]
 #
-# Without settings: the default (max_forward_tokens "auto": 512 tokens per forward pass on a CPU), one
+# Without settings: the default (max_forward_tokens "auto": 1024 tokens per forward pass on a CPU), one
 # pass per micro-batch (max_forward_tokens=null, the default before), the default with release_memory,
 # and low-memory (release_memory + gradient checkpointing): the BENCHMARKS.md table. --bf16: bf16
 # autocast (needs a CPU with bf16 instructions to be fast); fp32 otherwise.

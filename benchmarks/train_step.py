@@ -410,7 +410,8 @@ def main() -> None:
     p.add_argument("--response-len", type=int, default=96, help="response tokens incl. end-of-turn (about)")
     p.add_argument("--jitter", type=float, default=0.25, help="lengths vary uniformly by +- this fraction")
     p.add_argument("--threads", default="1,2", help="selm's thread count(s), comma-separated; the best is compared")
-    p.add_argument("--trl-threads", default="1,2", help="TRL thread counts to try; the best one is compared")
+    p.add_argument("--trl-threads", default="1,2", help="TRL thread counts to try; the best one is compared "
+                   "(\"\": no TRL, e.g. selm against --also only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layout", choices=["prefix", "padded"], default="prefix")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -505,10 +506,17 @@ def main() -> None:
             summary[(kind, n)] = (x["pairs"] / train, x["pairs"] / both)
             print(f"{kind + '@' + str(n):<9}{train:>9.2f}{ref:>8.2f}{x['pairs'] / train:>9.3f}{x['pairs'] / both:>12.3f}"
                   f"{x['tokens']:>8}{x['response_tokens']:>9}{rate / 1e9:>9.2f}{rate / peak:>7.1%}")
-        best = {k: max((n for kk, n in variants if kk == k), key=lambda n: summary[(k, n)][0]) for k in ("selm", "trl")}
-        ours, trl = summary[("selm", best["selm"])], summary[("trl", best["trl"])]
         print(f"\nMFU = (6*N*trained tokens + 2*N*reference tokens) / (train + ref s) / matmul peak "
               f"({'bf16' if a.bf16 else 'fp32'}) at the variant's thread count; N = {n_params}")
+        if a.also:
+            for n in ours_threads:
+                print(f"selm / selm* ({a.also}) at {n} thread(s): train "
+                      f"{summary[('selm', n)][0] / summary[('selm*', n)][0]:.3f}, train+ref "
+                      f"{summary[('selm', n)][1] / summary[('selm*', n)][1]:.3f}")
+        if not trl_threads:  # --trl-threads "": selm against selm* only
+            return
+        best = {k: max((n for kk, n in variants if kk == k), key=lambda n: summary[(k, n)][0]) for k in ("selm", "trl")}
+        ours, trl = summary[("selm", best["selm"])], summary[("trl", best["trl"])]
         print(f"selm trains 3 responses per pair (chosen, rejected, exploration), TRL 2 (chosen, rejected)")
         for n in sorted(set(ours_threads) & set(trl_threads)):
             print(f"ratio at {n} thread(s): train {summary[('selm', n)][0] / summary[('trl', n)][0]:.3f}, "
@@ -517,11 +525,6 @@ def main() -> None:
         paired = statistics.median(o["pairs"] / o["train"] / (t["pairs"] / t["train"])
                                    for o, t in zip(results[("selm", best["selm"])], results[("trl", best["trl"])]))
         print(f"best thread counts: selm {best['selm']}, TRL {best['trl']}; median of same-repeat ratios {paired:.3f}")
-        if a.also:
-            for n in ours_threads:
-                print(f"selm / selm* ({a.also}) at {n} thread(s): train "
-                      f"{summary[('selm', n)][0] / summary[('selm*', n)][0]:.3f}, train+ref "
-                      f"{summary[('selm', n)][1] / summary[('selm*', n)][1]:.3f}")
         print(f"ratio incl. reference precompute={ours[1] / trl[1]:.3f}")
         print(f"ratio={ours[0] / trl[0]:.3f}")
 

@@ -124,7 +124,7 @@ def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_mode
 def test_forward_tokens_auto_is_a_budget_on_cpus_only():
     from selm.stages.train import AUTO_FORWARD_TOKENS_CPU, forward_tokens
 
-    assert forward_tokens("auto", "cpu", sharded=False) == AUTO_FORWARD_TOKENS_CPU == 512
+    assert forward_tokens("auto", "cpu", sharded=False) == AUTO_FORWARD_TOKENS_CPU == 1024
     assert forward_tokens("auto", "cpu", sharded=True) is None  # ZeRO-3/FSDP: every process the same passes
     assert forward_tokens("auto", "cuda:0", sharded=False) is None
     assert forward_tokens(100, "cuda:0", sharded=False) == 100 and forward_tokens(None, "cpu", False) is None

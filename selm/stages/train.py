@@ -287,9 +287,10 @@ class StepStats:
     """Loss term ("dpo", "explore") -> this process's example indices where it was NaN or infinite."""
 
 
-AUTO_FORWARD_TOKENS_CPU = 512
-"""train.max_forward_tokens "auto" on a CPU: at the demo's settings one ~350-token pair per pass
-ran as fast as eight pairs per pass at half the peak memory (BENCHMARKS.md, Memory)."""
+AUTO_FORWARD_TOKENS_CPU = 1024
+"""train.max_forward_tokens "auto" on a CPU. Measured against one pass per micro-batch (BENCHMARKS.md,
+Memory): 1.08x the pairs/s at the demo's and at 256/384 lengths (a smaller working set), with the
+demo's peak memory 4.5 instead of 7.3 GB; 512 halved the memory but cost 8 % at two threads."""
 
 
 def forward_tokens(setting: int | str | None, device, sharded: bool) -> int | None:
