@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
 _defer = False
 _pending: int | None = None
@@ -57,6 +58,17 @@ def defer(enabled: bool) -> None:
     next safe point; defer(False) ends that and forgets a noted signal."""
     global _defer, _pending
     _defer, _pending = enabled, None
+
+
+@contextmanager
+def deferred():
+    """defer(True) for the block, and defer(False) after it however it ends (a step that raised
+    must not leave a later Ctrl-C only noted)."""
+    defer(True)
+    try:
+        yield
+    finally:
+        defer(False)
 
 
 def pending() -> int | None:

@@ -567,8 +567,7 @@ def run_train(
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train (alpha={tc.alpha:g})", disable=not accelerator.is_main_process)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
     forward_budget = forward_tokens(tc.max_forward_tokens, device, _sharded(accelerator))
-    signals.defer(True)  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
-    try:
+    with signals.deferred():  # SIGTERM/Ctrl-C now stop after the current optimizer step (selm/signals.py)
         for step in range(start_step, end):
             t0 = time.perf_counter()
             step_examples = plan.steps[step]
@@ -595,8 +594,6 @@ def run_train(
                 _close(bar, loggers)  # flushes this run's events; a resume purges those after its checkpoint
                 raise signals.Interrupted(stop)
         stop = _stop_requested(world)  # a signal during the last step: the stage is finished first
-    finally:
-        signals.defer(False)  # also when a step raised: a later Ctrl-C must stop at once
     _close(bar, loggers)
     if end < total_steps:
         return {"stopped_at": max_steps}
