@@ -119,10 +119,7 @@ class Engine:
         if self.sharded:
             self.accelerator.save_state(str(tmp))
         else:
-            # Every process's own random state: each drew (LoRA dropout) on its own share of the data.
-            rng = {"torch_rng": torch.stack(dist.all_gather(torch.get_rng_state()))}
-            if torch.cuda.is_available():
-                rng["cuda_rng"] = torch.stack(dist.all_gather(torch.cuda.get_rng_state()))
+            rng = random_states()
             if self.is_main:
                 save_file(lora.trainable_state(self.unwrap(module)), str(tmp / "model.safetensors"))
                 torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "trainer_state.pt")
@@ -180,11 +177,20 @@ class Engine:
         optimizer, cached GPU blocks), so that a later stage in this process (vLLM asks for a share of
         the GPU's free memory) finds it free. The caller drops its own references first."""
         self.accelerator.free_memory()
-        release_device_memory()
+        release_device_memory(self.device)
 
 
-def release_device_memory() -> None:
-    """Collect unreachable objects, then return the GPU's cached blocks to the driver."""
-    gc.collect()
+def random_states() -> dict[str, torch.Tensor]:
+    """Every process's random states, (processes, state bytes) each: the CPU's and, where there is
+    one, the GPU's. Each process drew (LoRA dropout) on its own share of the data."""
+    states = {"torch_rng": torch.stack(dist.all_gather(torch.get_rng_state()))}
     if torch.cuda.is_available():
+        states["cuda_rng"] = torch.stack(dist.all_gather(torch.cuda.get_rng_state()))
+    return states
+
+
+def release_device_memory(device) -> None:
+    """Collect unreachable objects, then return a GPU's cached blocks to the driver."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
