@@ -351,6 +351,9 @@ class TrainConfig:
     """Prefix layout on a CPU: compute only the attention blocks the block mask allows (the prompt
     over itself, each response over the prompt and itself): 1.6-2.6x faster attention than masked
     SDPA over whole rows (BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
+    fsdp_layers: Optional[list[str]] = None
+    """Under FSDP2: class names of the modules sharded one unit each (then the root). null: the
+    model's own `_no_split_modules` (its decoder layers)."""
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
     VM for small models (see docs/performance.md, "Threads")."""

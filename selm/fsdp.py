@@ -31,7 +31,7 @@ from torch import nn
 from selm import dist
 from selm.io import AtomicDir, atomic_write_json, read_json
 
-EXTRA = "extra.json"
+EXTRA = "state.json"  # the step, schedule and metrics size (the same name as the other engines' checkpoints)
 
 
 def decoder_layer_classes(module: nn.Module, names: Iterable[str] | None = None) -> set[type]:

@@ -19,7 +19,7 @@ seen = {"outer": [], "forward": []}
 
 
 def main(model: Path, pairs: Path, out: Path) -> None:
-    real_autocast, real_forward, real_engine = train_mod.autocast, ResponseLogps.forward, train_mod.Engine
+    real_autocast, real_forward, real_engine = train_mod.autocast, ResponseLogps.forward, train_mod.create_engine
 
     def autocast(device, dtype):
         seen["outer"].append(None if dtype is None else str(dtype))
@@ -34,7 +34,7 @@ def main(model: Path, pairs: Path, out: Path) -> None:
         seen["ds_config"] = e.accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast")
         return e
 
-    train_mod.autocast, ResponseLogps.forward, train_mod.Engine = autocast, forward, engine
+    train_mod.autocast, ResponseLogps.forward, train_mod.create_engine = autocast, forward, engine
     cfg = load_config(None, ["train.batch_size=2", "train.tensorboard=false", "train.alpha=0.01", "train.bf16=true"])
     train_mod.run_train(cfg, pairs, model, out / "train")
     (out / f"autocast_{dist.rank()}.json").write_text(json.dumps(seen))

@@ -34,7 +34,7 @@ def pairs(tmp_path):
 def test_nothing_of_the_training_survives_the_stage_and_the_device_cache_is_emptied(tmp_path, pairs, tiny_model_dir,
                                                                                     monkeypatch):
     refs, released = [], []
-    real_load, real_opt, real_engine = train_mod.load_causal_lm, train_mod.build_optimizer, train_mod.Engine
+    real_load, real_opt, real_engine = train_mod.load_causal_lm, train_mod.build_optimizer, train_mod.create_engine
 
     def load(*a, **k):
         model = real_load(*a, **k)
@@ -53,7 +53,7 @@ def test_nothing_of_the_training_survives_the_stage_and_the_device_cache_is_empt
 
     monkeypatch.setattr(train_mod, "load_causal_lm", load)
     monkeypatch.setattr(train_mod, "build_optimizer", optimizer)
-    monkeypatch.setattr(train_mod, "Engine", engine)
+    monkeypatch.setattr(train_mod, "create_engine", engine)
     monkeypatch.setattr(engine_mod, "release_device_memory", lambda device: released.append(torch.device(device)))
     train_mod.run_train(cfg(), pairs, tiny_model_dir, tmp_path / "out")
     assert released == [torch.device("cpu")]  # the hook ran once, for this process's device

@@ -67,11 +67,11 @@ def _assert_same_as_one_process(two, one_dir, tiny):
         assert json.loads((two / str(n) / "DONE.json").read_text())["pairs"] == n
 
 
-def _launch(cmd, tmp_path):
+def _launch(cmd, **extra_env):
     # A hang would sit in a collective until the distributed timeout (SELM_DIST_TIMEOUT_MINUTES,
     # a few minutes in env()); the subprocess timeout is the backstop.
-    proc = subprocess.run(cmd, env={**env(), **TESTS_PATH, "SELM_TEST_SETS": " ".join(SETS + ["train.batch_size=2"])},
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env={**env(), **TESTS_PATH, "SELM_TEST_SETS": " ".join(SETS + ["train.batch_size=2"]),
+                                    **extra_env}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -81,7 +81,7 @@ def test_torchrun_uneven_steps_train_like_one_process(tmp_path, tiny_model_dir):
     _write_pairs(two)
     cmd = torchrun(tiny_model_dir, two, *COUNTS)
     cmd[cmd.index("selm.cli")] = "helpers_uneven"
-    _launch(cmd, tmp_path)
+    _launch(cmd)
     _assert_same_as_one_process(two, tmp_path / "one", tiny_model_dir)
 
 
@@ -91,8 +91,26 @@ def test_zero3_uneven_steps_train_like_one_process(tmp_path, tiny_model_dir):
 
     two = tmp_path / "two"
     _write_pairs(two)
-    _launch(accelerate_zero3(tiny_model_dir, two, *COUNTS, module="helpers_uneven"), tmp_path)
+    _launch(accelerate_zero3(tiny_model_dir, two, *COUNTS, module="helpers_uneven"))
     _assert_same_as_one_process(two, tmp_path / "one", tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_fsdp2_uneven_steps_train_like_one_process_one_unit_per_layer(tmp_path, tiny_model_dir):
+    """FSDP2 on CPUs (selm shards the model itself): each decoder layer is its own unit, and the
+    weights, losses and whole gradient norms equal one process's."""
+    two = tmp_path / "two"
+    _write_pairs(two)
+    cmd = torchrun(tiny_model_dir, two, *COUNTS)
+    cmd[cmd.index("selm.cli")] = "helpers_uneven"
+    _launch(cmd, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    _assert_same_as_one_process(two, tmp_path / "one", tiny_model_dir)
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(tiny_model_dir).num_hidden_layers
+    done = json.loads((two / "5" / "DONE.json").read_text())
+    assert done["engine"] == "fsdp2" and done["processes"] == 2
+    assert done["fsdp_units"] == ["", *[f"model.model.layers.{i}" for i in range(layers)]]
 
 
 @pytest.mark.slow
