@@ -65,6 +65,25 @@ def test_report_numbers_come_from_the_runs(demo):
     assert cut == pytest.approx(sum(not r["finished"] for r in rows) / len(rows))
 
 
+def test_the_demo_headline_reads_the_t_interval_over_its_seeds(demo):
+    from selm.stats import seed_t_interval
+
+    out, report = demo
+    per_seed = []
+    for s in (0, 1):
+        a, b = _gold(out / "selm" / f"seed_{s}", 2), _gold(out / "dpo" / f"seed_{s}", 2)
+        o = outcomes([a[i] for i in sorted(a)], [b[i] for i in sorted(a)])
+        per_seed.append(sum(o) / len(o))
+    h = json.loads((out / "report.json").read_text())["head_to_head"][1]
+    assert h["per_seed"] == pytest.approx(per_seed)
+    lo, hi = seed_t_interval(per_seed)
+    assert h["seed_ci95"] == pytest.approx([lo, hi])
+    expected = ("SELM beat iterative DPO" if lo > 0.5 else "iterative DPO beat SELM" if hi < 0.5
+                else "no clear difference between SELM and iterative DPO at this size")
+    headline = report.read_text().splitlines()[2]
+    assert headline.startswith(f"**At iteration 2: {expected}") and f"95% t-interval over seeds [{lo * 100:.1f}," in headline
+
+
 def test_arms_share_only_training_independent_stages(demo):
     out, _ = demo
     for s in (0, 1):
@@ -95,6 +114,8 @@ def test_alpha_sweep_report(tmp_path):
                        overrides=["loop.iterations=1"])
     text = report.read_text()
     assert "## Alpha sweep" in text and (tmp_path / "sweep" / "plots" / "alpha_sweep.png").is_file()
+    # One seed: the sweep's headline names no alpha as different, and says why.
+    assert "No verdict on alpha: with one seed there is no interval over seeds" in text.splitlines()[2]
     for a in ("| 0 |", "| 0.01 |", "| 0.1 |", "| 1 |"):
         assert a in text
     assert "### Alpha vs exploration (iteration 1)" in text
