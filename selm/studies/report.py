@@ -14,7 +14,9 @@ from pathlib import Path
 
 from selm.io import atomic_write_text, read_json
 from selm.stats import head_to_head, hierarchical_ci, mean, seed_t_interval
+from selm.studies.cost import cost_lines, cost_table
 from selm.studies.findings import _eval_rows, alpha_differences, decide, findings, findings_lines, sweep_headline
+from selm.studies.steps import Steps
 from selm.studies.study import arm_configs, load_study
 
 
@@ -67,6 +69,7 @@ def collect(out: Path) -> dict:
     ir = out / "analysis" / "implicit_rewards.json"
     if ir.is_file():
         data["implicit_rewards"] = read_json(ir)
+    data["cost"] = cost_table([out / a / f"seed_{s}" for a in arms for s in seeds], T)
     data["findings"] = findings(out, data)
     data["alpha_vs_zero"] = alpha_differences(out, data)
     return data
@@ -333,7 +336,10 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
     from selm.studies.exploration_report import study_section
 
     out = Path(out)
+    steps = Steps("report", 4)
+    steps.start("numbers from the run folders")
     data = collect(out)
+    steps.start("plots")
     made = _plots(data, out / "plots")
     T = data["iterations"]
     lines = [f"# {data['title']}: report", "", headline(data), "",
@@ -376,7 +382,9 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
             lines.append(f"| {data['alphas'][a]:g} | {_fmt(data['per_arm'][a]['gold'][T])} | "
                          f"{_fmt(data['per_arm'][a]['win_vs_start'][T], True)} |")
         lines += ["", "![](plots/alpha_sweep.png)", ""]
+    steps.start("exploration statistics")
     lines += study_section(out, data, exploration_prompts)
+    lines += cost_lines(data["cost"])
     if data.get("examples"):
         lines += ["## Example generations (first seed, last iteration)", ""]
         for ex in data["examples"]:
@@ -386,6 +394,8 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
                 text = r["response"].replace("|", "\\|").replace("\n", " ")
                 lines.append(f"| {name} | {r['gold']:.3f} | {text} |")
             lines.append("")
+    steps.start("report.md and report.json")
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    steps.close()
     return out / "report.md"
