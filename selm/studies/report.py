@@ -320,11 +320,14 @@ def headline(data: dict) -> str:
         n_seeds = len(h.get("per_seed") or data["seeds"])
         per_seed = ", ".join(f"{x * 100:.1f}%" for x in h.get("per_seed") or [])
         lo, hi = h.get("seed_ci95") or [None, None]
-        seeds_ci = f"; 95% t-interval over seeds [{lo * 100:.1f}, {hi * 100:.1f}]" if lo is not None else ""
+        boot = f"[{h['ci95'][0] * 100:.1f}, {h['ci95'][1] * 100:.1f}]"
+        if lo is None:
+            seeds_ci = f"; bootstrap over prompts {boot}, which says nothing about another seed"
+        else:
+            seeds_ci = (f"; 95% t-interval over seeds [{lo * 100:.1f}, {hi * 100:.1f}]; bootstrap over seeds and prompts "
+                        f"{boot}, which decides nothing (resampling a few seeds understates their spread)")
         return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {h['mean'] * 100:.1f}% "
-                f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}: {per_seed}{seeds_ci}; "
-                f"bootstrap over seeds and prompts [{h['ci95'][0] * 100:.1f}, {h['ci95'][1] * 100:.1f}], which "
-                f"decides nothing: it cannot see the spread between {n_seeds} seed{'' if n_seeds == 1 else 's'}). "
+                f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}: {per_seed}{seeds_ci}). "
                 f"Win rate vs the start model: SELM {_fmt(s, True)}, DPO {_fmt(d, True)}.")
     best = max(data["arms"], key=lambda a: data["per_arm"][a]["gold"][T]["mean"] or float("-inf"))
     return (f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
