@@ -46,7 +46,8 @@ from selm.training import reference
 from selm.training.engine import CHECKPOINT, Engine, create_engine, sharding_launch
 from selm.training.metrics import (METRICS, PARTIAL, MetricsLog, StepStats, TrainingDiverged, accumulate,
                                    all_processes, find_nonfinite, finite, metrics_row, stop_if_nonfinite)
-from selm.training.plan import StepPlan, build_optimizer, build_scheduler, forward_passes, forward_tokens
+from selm.training.plan import (StepPlan, build_optimizer, build_scheduler, forward_passes, forward_tokens,
+                                tokens_per_epoch)
 
 __all__ = ["run_train", "train_step", "CHECKPOINT", "METRICS", "PARTIAL", "TrainingDiverged"]
 
@@ -234,6 +235,7 @@ def run_train(
         return {"stopped_at": max_steps}
 
     summary = _summary(model, tc, total_steps, len(examples), lr, t_start) | {"bf16": engine.bf16} | engine.summary()
+    summary["tokens"] = tokens_per_epoch(examples, tc.layout) * tc.epochs  # what the report's cost table reads
     engine.save_model(module, tokenizer, stage_dir / "model", tc,
                       stage_dir / "adapter" if tc.lora.keep_adapter else None)
     if engine.is_main:

@@ -110,6 +110,13 @@ def forward_passes(step_examples: list[int], examples: list[TokenizedExample], *
     return [*mine, *[None] * (most - len(mine))]
 
 
+def tokens_per_epoch(examples: list[TokenizedExample], layout: str) -> int:
+    """The real (non-pad) tokens one epoch's forward passes run, as LogpBatch.num_tokens counts them:
+    a prefix row holds its prompt once, a padded layout repeats it before every response."""
+    prompts = 1 if layout == "prefix" else None
+    return sum((prompts or len(e.responses)) * len(e.prompt) + sum(map(len, e.responses)) for e in examples)
+
+
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, device, *, fused: bool = True
                     ) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases and norms, as TRL/transformers).
