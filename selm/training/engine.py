@@ -220,7 +220,11 @@ class FSDP2Engine:
                 segments: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         from selm import fsdp
 
-        module = fsdp.shard_model(ResponseLogps(model, segments=segments), self.tc.fsdp_layers or None)
+        # accelerate launch passes fsdp2.yaml's settings on as FSDP_* variables; train.fsdp_layers wins.
+        named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+        layers = self.tc.fsdp_layers or [n.strip() for n in named.split(",") if n.strip()] or None
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+        module = fsdp.shard_model(ResponseLogps(model, segments=segments), layers, reshard_after_forward=reshard)
         self.units = fsdp.units(module)
         return module, make_optimizer(model)  # after sharding: the optimizer holds this process's shards
 
