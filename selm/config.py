@@ -59,6 +59,11 @@ class DataConfig:
     """Number of prompts held out for evaluation when `eval_prompts` is unset."""
     max_prompts: Optional[int] = None
     """Use at most this many training prompts (after holding out evaluation prompts)."""
+    prompts_per_iteration: Optional[int] = None
+    """Prompts in each iteration's training slice, taken in order from the (shuffled) training prompts.
+    Unset: the training prompts are divided evenly among loop.iterations. Set it in a run you mean to
+    extend with more iterations: its slices do not depend on loop.iterations, so the prompts beyond
+    the first T slices are left for iterations T+1, ..."""
     max_eval_prompts: Optional[int] = None
     """Use at most this many held-out evaluation prompts."""
     slices: Literal["disjoint", "all"] = "disjoint"
@@ -76,7 +81,7 @@ class DataConfig:
     def __post_init__(self):
         if self.eval_size < 0:
             raise ConfigError("data.eval_size: must be >= 0")
-        for name in ("max_prompts", "max_eval_prompts"):
+        for name in ("max_prompts", "max_eval_prompts", "prompts_per_iteration"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1")
 
