@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference model folder (default: the start model, as in SELM)")
     p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    p.add_argument("--strict", action="store_true", help="refuse a pairs file with rows whose chosen and rejected "
+                   "are the same response (default: drop them with a warning that counts them)")
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "train")
 
@@ -461,6 +463,10 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
         if not args.pairs.exists():
             raise InputError(f"{args.pairs}: file not found")
+        if args.strict:
+            from selm.data import load_pairs
+
+            load_pairs(args.pairs, need_exploration=False, strict=True)
         loop.check_loggers(cfg)
         with dist.main_first():  # the main rank builds or converts it; the others then find it
             model = materialize_model(cfg.model, seed=cfg.seed)

@@ -15,6 +15,7 @@ Files may be JSONL, Parquet, or a `datasets` folder (save_to_disk). Errors name 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -125,10 +126,24 @@ def _response(value: Any, prompt: Messages, where: str) -> str:
     return response_text_of(value, where)
 
 
-def load_pairs(path: str | Path, *, need_exploration: bool) -> list[PairRecord]:
-    pairs = [pair_from_row(row, where, need_exploration=need_exploration) for where, row in iter_rows(path, None, "")]
+def load_pairs(path: str | Path, *, need_exploration: bool, strict: bool = False) -> list[PairRecord]:
+    """The pairs of a file, less those whose chosen and rejected are the same response (and equally
+    finished): such a row carries no preference, only noise, so it is dropped with a warning line
+    that counts it -- or, `strict`, refused."""
+    rows = [(where, pair_from_row(row, where, need_exploration=need_exploration)) for where, row in iter_rows(path, None, "")]
+    same = [where for where, p in rows if (p.chosen, p.finished[0]) == (p.rejected, p.finished[1])]
+    if same and strict:
+        raise InputError(f"{same[0]}: chosen and rejected are the same response ({len(same)} of {len(rows)} pairs "
+                         "are); such a pair carries no preference")
+    if same:
+        from selm import dist
+
+        if dist.is_main():
+            print(f"selm: warning: {path}: dropped {len(same)} of {len(rows)} pairs whose chosen and rejected are the "
+                  f"same response (first: {same[0]}); they carry no preference", file=sys.stderr, flush=True)
+    pairs = [p for where, p in rows if where not in set(same)]
     if not pairs:
-        raise InputError(f"{path}: no pairs")
+        raise InputError(f"{path}: no pairs" + (" whose chosen and rejected differ" if rows else ""))
     return pairs
 
 

@@ -150,6 +150,8 @@ def table(result: dict) -> str:
     """The metrics as a small text table (what the command prints)."""
     def pct(value: float, ci: list) -> str:
         lo, hi = ci
+        if value != value:
+            return "  n/a"
         return f"{100 * value:5.1f}%  " + (f"[{100 * lo:.1f}, {100 * hi:.1f}]" if lo == lo else "[n/a]")
 
     r = result
