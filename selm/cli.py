@@ -53,6 +53,22 @@ def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentP
 JUDGE_FLAGS = {"judge_model": "model", "model": "reward_model"}
 
 
+FLAG_OF_KEY: dict[str, str] = {}
+"""Config key -> the flag that sets it (filled as the parsers are built), for errors naming a key."""
+
+
+def with_flags(message: str, args: argparse.Namespace) -> str:
+    """`message` with each config key it names followed by the flag that sets it in this command
+    ("pairwise.judge.model (--judge-reward-model): required ..."), unless the flag is named already."""
+    import re
+
+    for key, flag in FLAG_OF_KEY.items():
+        if key.replace(".", "__") not in vars(args) or flag in message:
+            continue
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])", f"{key} ({flag})", message, count=1)
+    return message
+
+
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, flag_prefix: str = "",
                          default=None) -> None:
     """One --flag per field of a config section, documented from the field docstrings; a nested
@@ -73,6 +89,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
         if section == "model":
             flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
 
+        FLAG_OF_KEY[f"{dotted}.{f.name}"] = flag
         group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
                            if len(_type_name(hints[f.name])) < 24 else "VALUE",
                            # argparse %-formats help strings: a docstring's "95%" must be escaped.
@@ -212,6 +229,7 @@ def _add_eval_pairwise(evals, flags: dict) -> None:
     p.add_argument("--name", default=None, help="the generator name in the file (default: from the model's path)")
     docs, default = field_docs(PairwiseEvalConfig), PairwiseEvalConfig()
     for name in ("max_new_tokens", "temperature", "batch_size", "dtype", "seed"):  # the generation settings
+        FLAG_OF_KEY.setdefault(f"pairwise.{name}", f"--{name.replace('_', '-')}")
         p.add_argument(f"--{name.replace('_', '-')}", dest=f"pairwise__{name}", default=None,
                        help=f"{docs[name]} (default: {getattr(default, name)!r})".replace("%", "%%"))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
@@ -355,7 +373,7 @@ def _main(argv: list[str] | None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"selm: error{who}: {e}", file=sys.stderr)
+        print(f"selm: error{who}: {with_flags(str(e), args)}", file=sys.stderr)
         return EXIT_INPUT
     except OSError as e:
         if e.errno not in STORAGE_ERRORS:

@@ -746,6 +746,16 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, data)
 
 
+def check_judge(name: str, rc: RankConfig) -> None:
+    """The settings judge `name` (rank, evaluate.judge, pairwise.judge) needs for its kind are there."""
+    if rc.kind in ("callable", "pairwise") and not rc.callable:
+        raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
+    if rc.kind in ("reward_model", "pairrm") and not rc.model:
+        raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
+    if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
+        raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+
+
 def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
@@ -756,16 +766,9 @@ def check_for_loop(cfg: Config) -> None:
         raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
                           "use a pointwise judge")
     for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
-        if rc.kind in ("callable", "pairwise") and not rc.callable:
-            if name == "evaluate.judge" and not cfg.evaluate.enabled:
-                continue
-            raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
-        if rc.kind in ("reward_model", "pairrm") and not rc.model:
-            if name == "evaluate.judge" and not cfg.evaluate.enabled:
-                continue
-            raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
-        if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
-            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+        if name == "evaluate.judge" and not cfg.evaluate.enabled and rc.kind not in ("http_judge", "llm_pairwise"):
+            continue
+        check_judge(name, rc)
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
         raise ConfigError("generate.num_samples: no candidates to rank (0 samples, y0 not a candidate, no dataset pair)")
 
