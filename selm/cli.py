@@ -365,6 +365,9 @@ def _main(argv: list[str] | None) -> int:
     # only about their own errors.
 
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
+    from selm.quiet import quiet_screen
+
+    unquiet = quiet_screen()
     previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
     try:
         return _dispatch(args)
@@ -395,6 +398,7 @@ def _main(argv: list[str] | None) -> int:
     finally:
         signals.restore(previous)
         dist.close()
+        unquiet()
 
 
 def _say(text: str) -> None:

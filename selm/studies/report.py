@@ -322,8 +322,12 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
     """Write the study's report; `exploration_prompts` overrides report.exploration_prompts."""
     from selm.studies.exploration_report import study_section
 
+    from selm.quiet import phase
+
     out = Path(out)
+    phase(f"report: reading the runs under {out}")
     data = collect(out)
+    phase("report: drawing the plots")
     made = _plots(data, out / "plots")
     T = data["iterations"]
     lines = [f"# {data['title']}: report", "", headline(data), "",
@@ -364,6 +368,7 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
             lines.append(f"| {data['alphas'][a]:g} | {_fmt(data['per_arm'][a]['gold'][T])} | "
                          f"{_fmt(data['per_arm'][a]['win_vs_start'][T], True)} |")
         lines += ["", "![](plots/alpha_sweep.png)", ""]
+    phase("report: exploration statistics (scoring responses with each iteration's model)")
     lines += study_section(out, data, exploration_prompts)
     if data.get("examples"):
         lines += ["## Example generations (first seed, last iteration)", ""]

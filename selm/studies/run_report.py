@@ -12,6 +12,7 @@ from pathlib import Path
 
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
+from selm.quiet import phase
 from selm.stats import head_to_head
 from selm.studies.exploration_report import run_section
 from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, legend,
@@ -93,7 +94,9 @@ def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
     """Write out/report.md, out/report.json and out/plots/*.png for the run folder `out`.
     `exploration_prompts` overrides report.exploration_prompts."""
     out = Path(out)
+    phase(f"report: reading {out}")
     data = collect_run(out)
+    phase("report: drawing the plots")
     made = _plots(data, out / "plots")
     lines = [f"# selm run report: {out.name}", "",
              f"alpha={data['alpha']:g}, beta={data['beta']:g}, {data['iterations']} iterations. Every number is computed "
@@ -113,6 +116,7 @@ def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
                         ("training_curves.png", "Training curves")):
         if name in made:
             lines += [f"## {title}", "", f"![](plots/{name})", ""]
+    phase("report: exploration statistics (scoring responses with each iteration's model)")
     lines += run_section(out, data, exploration_prompts)
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
