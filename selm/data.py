@@ -216,14 +216,17 @@ def split_prompts(prompts: list[dict], *, iterations: int, eval_size: int, max_p
     prompts = list(prompts)
     if shuffle:
         random.Random(seed).shuffle(prompts)
-    held = [] if has_eval_file else prompts[:eval_size]
-    train = prompts[len(held):]
+    used = {r["prompt_id"] for s in kept or [] for r in s}
+    # A kept slice's prompt is never held out (prompts added to a file of an extended run can
+    # reorder it); held-out prompts are those of the ordered file no kept slice has.
+    held = [] if has_eval_file else [r for r in prompts if r["prompt_id"] not in used][:eval_size]
+    held_ids = {r["prompt_id"] for r in held}
+    train = [r for r in prompts if r["prompt_id"] not in held_ids]
     if max_prompts is not None:
         train = train[:max_prompts]
     parts = _slices(train, iterations, slices, per_iteration)
     if not kept or slices == "all" or _ids(parts[:len(kept)]) == _ids(kept[:len(parts)]):
         return parts, held
-    used = {r["prompt_id"] for s in kept for r in s}
     pool = [r for r in train if r["prompt_id"] not in used]
     out = list(kept[:iterations])
     for t in range(len(kept) + 1, iterations + 1):
