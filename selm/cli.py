@@ -485,16 +485,18 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
         if not args.pairs.exists():
             raise InputError(f"{args.pairs}: file not found")
-        if args.strict:
-            from selm.data import load_pairs
+        from selm.data import iter_rows, load_pairs
 
-            load_pairs(args.pairs, need_exploration=False, strict=True)
+        # Checked before the model is built; training then loads (and warns about) the file itself.
+        dropped = sum(1 for _ in iter_rows(args.pairs, None, "")) - len(
+            load_pairs(args.pairs, need_exploration=False, strict=args.strict, warn=False))
         loop.check_loggers(cfg)
         with dist.main_first():  # the main rank builds or converts it; the others then find it
             model = materialize_model(cfg.model, seed=cfg.seed)
         summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
                             seed=args.seed)
-        _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
+        same = f" ({dropped} whose chosen and rejected are the same dropped)" if dropped else ""
+        _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs{same} -> {args.output_dir / 'model'}")
         return 0
     cfg = _load(args)
     loop.check_config(cfg, args.output_dir, allow_change=args.continue_with_new_config)

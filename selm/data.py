@@ -126,16 +126,16 @@ def _response(value: Any, prompt: Messages, where: str) -> str:
     return response_text_of(value, where)
 
 
-def load_pairs(path: str | Path, *, need_exploration: bool, strict: bool = False) -> list[PairRecord]:
+def load_pairs(path: str | Path, *, need_exploration: bool, strict: bool = False, warn: bool = True) -> list[PairRecord]:
     """The pairs of a file, less those whose chosen and rejected are the same response (and equally
     finished): such a row carries no preference, only noise, so it is dropped with a warning line
-    that counts it -- or, `strict`, refused."""
+    that counts it (unless not `warn`) -- or, `strict`, refused."""
     rows = [(where, pair_from_row(row, where, need_exploration=need_exploration)) for where, row in iter_rows(path, None, "")]
     same = [where for where, p in rows if (p.chosen, p.finished[0]) == (p.rejected, p.finished[1])]
     if same and strict:
         raise InputError(f"{same[0]}: chosen and rejected are the same response ({len(same)} of {len(rows)} pairs "
                          "are); such a pair carries no preference")
-    if same:
+    if same and warn:
         from selm import dist
 
         if dist.is_main():

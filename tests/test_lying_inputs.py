@@ -87,3 +87,13 @@ def test_lc_fit_with_the_model_term_zeroed_says_so_instead_of_50_percent(capsys)
                   "lc_win_rate_ci95": r["ci95"], "lc_fit": {"warning": r["warning"]},
                   "length_model_mean": 30.0, "length_baseline_mean": 25.0})
     assert "50.0" not in text and "n/a" in text and "set the model term to 0" in text
+
+
+def test_selm_train_counts_the_identical_pairs_it_dropped(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "pairs.jsonl"
+    atomic_write_jsonl(path, [{**r, "rejected": r["chosen"]} if i == 4 else r for i, r in enumerate(PAIRS)])
+    assert main(["train", "--pairs", str(path), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"),
+                 "--batch-size", "5", "--epochs", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "trained 1 steps on 5 pairs (1 whose chosen and rejected are the same dropped)" in out
+    assert err.count("dropped 1 of 6 pairs") == 1
