@@ -63,8 +63,8 @@ def with_flags(message: str, args: argparse.Namespace) -> str:
     import re
 
     for key, flag in FLAG_OF_KEY.items():
-        if key.replace(".", "__") not in vars(args) or flag in message:
-            continue
+        if key.replace(".", "__") not in vars(args) or flag in message or f"--set {key}" in message:
+            continue  # not a key of this command, or the message already says how to set it
         message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])", f"{key} ({flag})", message, count=1)
     return message
 
