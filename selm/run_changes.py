@@ -19,6 +19,8 @@ _NO_EFFECT = {
     "generate": {"num_threads", "vllm_gpu_memory_utilization", "vllm_enforce_eager"},
     "rank": {"batch_size", "max_concurrency", "timeout_s", "max_retries", "api_key_env"},
     "train": {"logging_steps", "report_to", "tensorboard", "save_every_steps", "num_threads", "release_memory"},
+    # Switching evaluation off leaves the evaluations already done as they are.
+    "evaluate": {"enabled"},
 }
 
 
@@ -52,7 +54,7 @@ def stage_settings(cfg: Config, t: int, stage: str) -> dict:
         return {**common, **own, alpha_key: cfg.alpha_for_iteration(t), lr_key: cfg.lr_for_iteration(t)}
     if stage == "evaluate":
         gen = {k: d["generate"][k] for k in ("backend", "tensor_parallel_size")}
-        return {**common, **_flat(d["evaluate"], "evaluate."), **_flat(gen, "generate.")}
+        return {**common, **_flat(d["evaluate"], "evaluate.", _NO_EFFECT["evaluate"]), **_flat(gen, "generate.")}
     raise ValueError(stage)
 
 
@@ -107,16 +109,16 @@ def plan(old: Config, new: Config, out: Path) -> tuple[list[tuple[str, str]], tu
 
 
 def apply(out: Path, redo: list[tuple[str, str]], split) -> None:
-    """Remove the stage folders to redo (a training stage's checkpoint with them) and write the new
-    split (data/DONE.json last, so that a kill in between leaves the old split marked done)."""
+    """Remove the stage folders to redo (a training stage's checkpoint with them), then write the
+    new split (data/DONE.json replaced last: a kill in between leaves the old count marked done,
+    and the re-run plans again from there)."""
     from selm.loop import write_split
 
     for folder, _ in redo:
         shutil.rmtree(Path(out) / folder)
     if redo or split is not None:  # the run is not finished any more
         (Path(out) / "DONE.json").unlink(missing_ok=True)
-    if split is not None:
-        (Path(out) / "data" / "DONE.json").unlink()
+    if split is not None:  # the stages it changes are gone already; its DONE.json is replaced last
         write_split(Path(out) / "data", *split)
 
 

@@ -122,11 +122,12 @@ def test_evaluate_change_redoes_only_the_evaluate_stages(one_iteration, tmp_path
     assert all(after[k] != before[k] for k in before if "evaluate" in k)
 
 
-def test_a_change_no_finished_stage_reads_redoes_nothing(one_iteration, tmp_path, capsys):
+@pytest.mark.parametrize("change", ["train.logging_steps=5", "evaluate.enabled=false"])
+def test_a_change_no_finished_stage_reads_redoes_nothing(one_iteration, tmp_path, capsys, change):
     out = tmp_path / "run"
     shutil.copytree(one_iteration, out)
     before = _markers(out)
-    assert run(out, "--set", "loop.iterations=1", "--set", "train.logging_steps=5", "--continue-with-new-config") == 0
+    assert run(out, "--set", "loop.iterations=1", "--set", change, "--continue-with-new-config") == 0
     assert "redoing" not in capsys.readouterr().out
     assert _markers(out) == before
 
