@@ -59,6 +59,11 @@ class DataConfig:
     """Number of prompts held out for evaluation when `eval_prompts` is unset."""
     max_prompts: Optional[int] = None
     """Use at most this many training prompts (after holding out evaluation prompts)."""
+    prompts_per_iteration: Optional[int] = None
+    """Prompts in each iteration's training slice, taken in order from the (shuffled) training prompts.
+    Unset: the training prompts are divided evenly among loop.iterations. Set it in a run you mean to
+    extend with more iterations: its slices do not depend on loop.iterations, so the prompts beyond
+    the first T slices are left for iterations T+1, ..."""
     max_eval_prompts: Optional[int] = None
     """Use at most this many held-out evaluation prompts."""
     slices: Literal["disjoint", "all"] = "disjoint"
@@ -76,7 +81,7 @@ class DataConfig:
     def __post_init__(self):
         if self.eval_size < 0:
             raise ConfigError("data.eval_size: must be >= 0")
-        for name in ("max_prompts", "max_eval_prompts"):
+        for name in ("max_prompts", "max_eval_prompts", "prompts_per_iteration"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1")
 
@@ -744,6 +749,16 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, data)
 
 
+def check_judge(name: str, rc: RankConfig) -> None:
+    """The settings judge `name` (rank, evaluate.judge, pairwise.judge) needs for its kind are there."""
+    if rc.kind in ("callable", "pairwise") and not rc.callable:
+        raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
+    if rc.kind in ("reward_model", "pairrm") and not rc.model:
+        raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
+    if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
+        raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+
+
 def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
@@ -754,16 +769,9 @@ def check_for_loop(cfg: Config) -> None:
         raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
                           "use a pointwise judge")
     for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
-        if rc.kind in ("callable", "pairwise") and not rc.callable:
-            if name == "evaluate.judge" and not cfg.evaluate.enabled:
-                continue
-            raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
-        if rc.kind in ("reward_model", "pairrm") and not rc.model:
-            if name == "evaluate.judge" and not cfg.evaluate.enabled:
-                continue
-            raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
-        if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
-            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+        if name == "evaluate.judge" and not cfg.evaluate.enabled and rc.kind not in ("http_judge", "llm_pairwise"):
+            continue
+        check_judge(name, rc)
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
         raise ConfigError("generate.num_samples: no candidates to rank (0 samples, y0 not a candidate, no dataset pair)")
 

@@ -62,7 +62,8 @@ def check_loggers(cfg: Config) -> None:
 
 def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     """Save the config into the run folder once the run can start (preflight); refuse a different
-    one for an existing run unless `allow_change`."""
+    one for an existing run unless `allow_change`. An allowed change first removes the stages it
+    affects (run_changes.plan: they are redone from their start) and says which and why."""
     check_for_loop(cfg)
     path = Path(out) / "config.yaml"
     diffs = None  # None: nothing saved yet
@@ -73,9 +74,17 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
             raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
                               "pass --continue-with-new-config to go on with the new one")
     preflight(cfg, out)
+    if diffs:
+        from selm import run_changes
+        from selm.config import config_from_dict
+
+        redo, split = run_changes.plan(config_from_dict(load_yaml(path)), cfg, out)
     dist.barrier()  # every rank has read the saved config before the main rank replaces it
     if dist.is_main() and diffs != []:
         if diffs:
+            for folder, why in redo:
+                print(f"selm: redoing {folder} from its start ({why})", flush=True)
+            run_changes.apply(out, redo, split)
             with open(Path(out) / "config_changes.log", "a", encoding="utf-8") as f:
                 f.write("; ".join(diffs) + "\n")
         save_config(cfg, path)
@@ -123,8 +132,9 @@ def prepare_data(cfg: Config, out: Path) -> Path:
     return d
 
 
-def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
-    """The run's training slices and held-out prompts, from the prompt files the config names."""
+def _load_split(cfg: Config, kept: list[list[dict]] | None = None) -> tuple[list[list[dict]], list[dict]]:
+    """The run's training slices and held-out prompts, from the prompt files the config names.
+    `kept`: the slices the run already has, which stay (data.split_prompts)."""
     from selm.data import load_prompts, split_prompts
 
     d = cfg.data
@@ -136,7 +146,8 @@ def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
     eval_rows = load_prompts(eval_source, d.prompt_field, d.eval_split, "data.eval_split") if eval_source else None
     slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=d.eval_size,
                                  max_prompts=d.max_prompts, slices=d.slices, shuffle=d.shuffle,
-                                 seed=cfg.seed, has_eval_file=eval_rows is not None)
+                                 seed=cfg.seed, has_eval_file=eval_rows is not None,
+                                 per_iteration=d.prompts_per_iteration, kept=kept)
     if eval_rows is not None:
         train_ids = {r["prompt_id"] for s in slices for r in s}
         held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
@@ -146,7 +157,10 @@ def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
 
 
 def _split_data(cfg: Config, d: Path) -> None:
-    slices, held = _load_split(cfg)
+    write_split(d, *_load_split(cfg))
+
+
+def write_split(d: Path, slices: list[list[dict]], held: list[dict]) -> None:
     for t, part in enumerate(slices, 1):
         atomic_write_jsonl(d / f"train_{t}.jsonl", part)
     atomic_write_jsonl(d / "eval.jsonl", held)

@@ -145,9 +145,9 @@ def stop_if_nonfinite(stats: StepStats, *, step: int, total_steps: int, stage_di
     if dist.is_main():
         shutil.rmtree(checkpoint, ignore_errors=True)
     if stats.nonfinite:
-        ids = [p.prompt_id for p in load_pairs(pairs_path, need_exploration=False)]
+        ids = [p.prompt_id for p in load_pairs(pairs_path, need_exploration=False, warn=False)]
         what = "; ".join(
-            f"loss/{term} of pairs {rows[:5]}{' ...' if len(rows) > 5 else ''} (0-based rows of {pairs_path}; "
+            f"loss/{term} of pairs {rows[:5]}{' ...' if len(rows) > 5 else ''} (0-based among the pairs of {pairs_path} trained on; "
             f"prompt_ids {', '.join(repr(ids[i]) for i in rows[:5])})"
             for term, rows in sorted(stats.nonfinite.items()))
     else:
