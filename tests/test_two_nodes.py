@@ -19,9 +19,10 @@ from test_distributed import BIN, SETTINGS, TINY, assert_same_run, env, free_por
 NODES = 2
 
 
-def torchrun_flags(endpoint: str, node_rank: int) -> list[str]:
-    """The launcher flags of one node; examples/slurm/selm.sbatch builds the same ones from Slurm."""
-    return ["--nnodes", str(NODES), "--node_rank", str(node_rank), "--nproc_per_node", "1",
+def torchrun_flags(endpoint: str, node_rank: int, nnodes: int = NODES, nproc_per_node: int = 1) -> list[str]:
+    """The launcher flags of one node; examples/slurm/selm.sbatch builds the same ones from Slurm
+    (tests/test_slurm_example.py)."""
+    return ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc_per_node),
             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint]
 
 
