@@ -6,15 +6,13 @@ so a decision keyed on the local rank (who writes, who reads the state on disk) 
 The pair counts of configs/tiny.yaml with these settings divide evenly among the ranks on every step
 (an uneven last step hangs until the training engine pads it with zero-weight passes)."""
 
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from test_distributed import BIN, SETTINGS, TINY, assert_same_run, env, free_port, one_process  # noqa: F401
+from test_distributed import BIN, SETTINGS, TINY, assert_same_run, env, free_port, kill_tree, one_process  # noqa: F401
 
 NODES = 2
 
@@ -43,19 +41,6 @@ def finish(procs: list[subprocess.Popen], timeout=900) -> list[str]:
     return outs
 
 
-def kill_node(proc: subprocess.Popen) -> None:
-    """SIGKILL a node: its launcher and its rank (in a session of its own, so by id)."""
-    tree = [psutil.Process(proc.pid)]
-    tree += tree[0].children(recursive=True)
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.communicate()
-    psutil.wait_procs(tree[1:], timeout=30)
-
-
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     out = tmp_path_factory.mktemp("nodes") / "two"
@@ -81,13 +66,13 @@ def test_a_node_killed_mid_training_resumes_to_the_same_result(two_nodes, tmp_pa
         while not (train / "checkpoint" / "state.json").is_file():
             assert all(p.poll() is None for p in procs) and time.time() - t0 < 600, "ended before a checkpoint"
             time.sleep(0.02)
-        kill_node(procs[1])
+        kill_tree(procs[1])
         # The surviving node's rank fails at its next collective; its launcher then stops.
         procs[0].communicate(timeout=300)
     finally:
         for p in procs:
             if p.poll() is None:
-                kill_node(p)
+                kill_tree(p)
     assert procs[0].returncode != 0 and not (train / "DONE.json").exists()
     finish(nodes(out))
     assert_same_run(ref, out)
