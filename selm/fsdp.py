@@ -54,8 +54,8 @@ def decoder_layer_classes(module: nn.Module, names: Iterable[str] | None = None)
     names = set(names)
     found = {type(m) for m in module.modules() if type(m).__name__ in names}
     if not found:
-        raise ValueError(f"FSDP: no submodule of {type(module).__name__} is one of {sorted(names) or 'the layer classes'}; "
-                         "name the decoder layer class to shard by")
+        raise ValueError(f"FSDP: no submodule of {type(module).__name__} is one of "
+                         f"{sorted(names) or 'the layer classes'}; name the decoder layer class to shard by")
     return found
 
 

@@ -37,4 +37,5 @@ def test_the_sbatch_script_runs_torchrun_with_the_two_node_tests_flags(tmp_path)
 
 def test_the_sbatch_script_refuses_a_missing_run_folder_with_its_usage(tmp_path):
     proc = subprocess.run(["bash", str(SBATCH), "cfg.yaml"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "usage: sbatch [--nodes N] examples/slurm/selm.sbatch CONFIG.yaml RUN_DIR" in proc.stderr
+    assert proc.returncode != 0
+    assert "usage: sbatch [--nodes N] examples/slurm/selm.sbatch CONFIG.yaml RUN_DIR" in proc.stderr
