@@ -34,6 +34,17 @@ from selm.io import AtomicDir, atomic_write_json, read_json
 EXTRA = "state.json"  # the step, schedule and metrics size (the same name as the other engines' checkpoints)
 
 
+def _fsdp():
+    """torch.distributed.fsdp with FSDP2's public API (torch >= 2.6), or a one-line error."""
+    try:
+        from torch.distributed import fsdp
+        fsdp.fully_shard, fsdp.FSDPModule  # noqa: B018
+    except (ImportError, AttributeError):
+        raise RuntimeError(f"FSDP2 needs torch>=2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                           f"{torch.__version__}") from None
+    return fsdp
+
+
 def decoder_layer_classes(module: nn.Module, names: Iterable[str] | None = None) -> set[type]:
     """The classes of `module`'s submodules named in `names` (default: the ``_no_split_modules`` of the
     Hugging Face model inside `module`, i.e. its decoder layers). Raises ValueError if none is found:
@@ -43,8 +54,8 @@ def decoder_layer_classes(module: nn.Module, names: Iterable[str] | None = None)
     names = set(names)
     found = {type(m) for m in module.modules() if type(m).__name__ in names}
     if not found:
-        raise ValueError(f"FSDP: no submodule of {type(module).__name__} is one of {sorted(names) or 'the layer classes'}; "
-                         "name the decoder layer class to shard by")
+        raise ValueError(f"FSDP: no submodule of {type(module).__name__} is one of "
+                         f"{sorted(names) or 'the layer classes'}; name the decoder layer class to shard by")
     return found
 
 
@@ -54,8 +65,7 @@ def shard_model(module: nn.Module, layer_classes: Iterable[type | str] | None = 
     the model's decoder layers, ``decoder_layer_classes``), then to `module` itself, which then owns
     what is left (embeddings, final norm, LM head). Returns `module`, now an FSDPModule whose
     parameters are DTensors sharded over all ranks. Call before building the optimizer."""
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = _fsdp().fully_shard
     dist.barrier()  # joins the process group (gloo on CPU) before fully_shard builds its device mesh
     if layer_classes is None:
         classes = decoder_layer_classes(module)
@@ -80,9 +90,7 @@ def shard_model(module: nn.Module, layer_classes: Iterable[type | str] | None = 
 
 def units(module: nn.Module) -> list[str]:
     """Names of the FSDP units in `module` ("" is the root), in module order."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return [name for name, m in module.named_modules() if isinstance(m, FSDPModule)]
+    return [name for name, m in module.named_modules() if isinstance(m, _fsdp().FSDPModule)]
 
 
 def set_gradient_sync(module: nn.Module, sync: bool) -> None:
@@ -93,8 +101,9 @@ def set_gradient_sync(module: nn.Module, sync: bool) -> None:
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (e.g. a gradient norm, which under FSDP2 is a partial DTensor: float()
-    of it would be this rank's share); a plain tensor as it is."""
+    """A DTensor's whole value as a plain tensor; a plain tensor as it is. The total gradient norm of
+    sharded gradients is a DTensor: replicated in torch 2.13 (checked), a partial one in older
+    versions, where float() of it is this rank's share (pytorch#126457)."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from selm import dist
 from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
 from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
-                     mark_done, read_json)
+                     is_done_everywhere, mark_done, on_main, read_json)
 
 
 def stage_dir(out: Path, t: int, stage: str) -> Path:
@@ -66,9 +66,10 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     affects (run_changes.plan: they are redone from their start) and says which and why."""
     check_for_loop(cfg)
     path = Path(out) / "config.yaml"
-    diffs = None  # None: nothing saved yet
-    if path.is_file():
-        diffs = _diff(load_yaml(path), config_to_dict(cfg), config_to_dict(Config()))
+    # None: nothing saved yet. The main rank's view of the folder decides for every rank.
+    diffs = on_main(lambda: _diff(load_yaml(path), config_to_dict(cfg), config_to_dict(Config()))
+                    if path.is_file() else None)
+    if diffs is not None:
         if diffs and not allow_change:
             shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
             raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
@@ -121,7 +122,7 @@ def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
     if t == 1:
         return start_model_path(cfg, out)
     prev = stage_dir(out, t - 1, "train")
-    if not is_done(prev):
+    if not is_done_everywhere(prev):
         raise InputError(f"{prev}: not finished; iteration {t} starts from iteration {t - 1}'s model")
     return prev / "model"
 
@@ -250,7 +251,7 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
     def build(sd: Path) -> None:
         prepare_data(cfg, out)
         prev = stage_dir(out, t, spec.after) if spec.after else None
-        if prev and not is_done(prev):
+        if prev and not is_done_everywhere(prev):
             raise InputError(f"{prev}: not finished; run `selm {spec.after}` for iteration {t} first")
         spec.run(cfg, out, t, sd)
 
@@ -279,7 +280,7 @@ def _evaluate(cfg: Config, out: Path, t: int) -> dict:
             baselines = {}
         else:
             train = stage_dir(out, t, "train")
-            if not is_done(train):
+            if not is_done_everywhere(train):
                 raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
             model = train / "model"
             baselines = {"start": _evaluated(cfg, out, 0)}
@@ -310,7 +311,7 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
 
     record_environment(out, config_to_dict(cfg))
     prepare_data(cfg, out)
-    evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0
+    evaluate = cfg.evaluate.enabled and on_main(lambda: (out / "data" / "eval.jsonl").stat().st_size > 0)
     if evaluate:
         on_stage(0, "evaluate")
         _evaluated(cfg, out, 0)
@@ -320,7 +321,7 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
                 continue
             on_stage(t, stage)
             run_stage(cfg, out, t, stage)
-    summary = summarize(out, cfg.loop.iterations)
+    summary = on_main(lambda: summarize(out, cfg.loop.iterations))
     if dist.is_main():
         mark_done(out, summary)
     dist.barrier()

@@ -130,34 +130,35 @@ def _kill_when(cmd, condition, limit=300, extra_env=None) -> bool:
     """Start a launcher and SIGKILL it and every process under it once `condition()`. The ranks are
     killed by id: torchrun starts each worker in a session of its own, out of the launcher's
     process group."""
-    import psutil
-
-    proc = subprocess.Popen(cmd, env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.time()
-
-    def kill_all() -> None:
-        tree = [psutil.Process(proc.pid)]
-        tree += tree[0].children(recursive=True)
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
-        # The ranks are not our children: wait until they are gone before anything is relaunched.
-        psutil.wait_procs(tree[1:], timeout=30)
-
     try:
         while proc.poll() is None and time.time() - t0 < limit:
             if condition():
-                kill_all()
+                kill_tree(proc)
                 return True
             time.sleep(0.02)
         return False
     finally:
         if proc.poll() is None:
-            kill_all()
+            kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it, by id."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid)]
+    tree += tree[0].children(recursive=True)
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate()
+    # The ranks are not our children: wait until they are gone before anything is relaunched.
+    psutil.wait_procs(tree[1:], timeout=30)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import torch
 
 from selm import dist, lora
 from selm.config import TrainConfig
-from selm.io import AtomicDir, InputError, atomic_write_json
+from selm.io import AtomicDir, InputError, atomic_write_json, on_main
 from selm.objective.logprobs import ResponseLogps
 from selm.precision import use_bf16
 
@@ -280,7 +280,7 @@ class FSDP2Engine:
 def _checkpoint_state(ckpt: Path) -> dict | None:
     """The checkpoint's state.json, read by the main process and sent to all (None: no checkpoint):
     on a shared file system another node's view could lag behind."""
-    return dist.broadcast(json.loads((ckpt / STATE).read_text()) if dist.is_main() and (ckpt / STATE).is_file() else None)
+    return on_main(lambda: json.loads((ckpt / STATE).read_text()) if (ckpt / STATE).is_file() else None)
 
 
 def random_states() -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from selm import dist
 from selm.config import Config
-from selm.io import atomic_write_bytes, sha256_file, sha256_json
+from selm.io import atomic_write_bytes, on_main, sha256_file, sha256_json
 from selm.models import load_causal_lm
 from selm.objective.logprobs import ResponseLogps, TokenizedExample, score_logps
 from selm.precision import use_bf16
@@ -78,9 +78,9 @@ def cached_reference(cache: Path, key: str, examples: list[TokenizedExample], ba
     to every process, so all of them hold the same ones without reading the file."""
     from safetensors.torch import save
 
-    ref = _read_cache(cache, key) if dist.is_main() else None
-    if dist.broadcast(ref is not None):
-        return dist.broadcast(ref)
+    ref = on_main(lambda: _read_cache(cache, key))
+    if ref is not None:
+        return ref
     sizes = [len(e.prompt) + sum(map(len, e.responses)) for e in examples]
     order = sorted(range(len(examples)), key=sizes.__getitem__)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
