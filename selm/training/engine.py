@@ -213,7 +213,10 @@ class FSDP2Engine:
         dist.join()  # fully_shard builds its device mesh on the process group, also with one process
         self.rank, self.world, self.is_main = dist.rank(), dist.world_size(), dist.is_main()
         self.bf16 = use_bf16(tc.bf16, self.device)
-        self.autocast_dtype = torch.bfloat16 if self.bf16 else None
+        # On GPUs bf16 is FSDP2's own policy (gathers and compute in bf16, gradients reduced in fp32,
+        # as torchtune does); a CPU autocasts around the forward as one process does.
+        self.mixed_precision = self.bf16 and self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if self.bf16 and not self.mixed_precision else None
         self.units: list[str] = []
 
     def prepare(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], *,
@@ -224,7 +227,13 @@ class FSDP2Engine:
         named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
         layers = self.tc.fsdp_layers or [n.strip() for n in named.split(",") if n.strip()] or None
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
-        module = fsdp.shard_model(ResponseLogps(model, segments=segments), layers, reshard_after_forward=reshard)
+        policy = None
+        if self.mixed_precision:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        module = fsdp.shard_model(ResponseLogps(model, segments=segments), layers, mp_policy=policy,
+                                  reshard_after_forward=reshard)
         self.units = fsdp.units(module)
         return module, make_optimizer(model)  # after sharding: the optimizer holds this process's shards
 
