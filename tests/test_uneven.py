@@ -97,13 +97,14 @@ def test_zero3_uneven_steps_train_like_one_process(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_fsdp2_uneven_steps_train_like_one_process_one_unit_per_layer(tmp_path, tiny_model_dir):
-    """FSDP2 on CPUs (selm shards the model itself): each decoder layer is its own unit, and the
-    weights, losses and whole gradient norms equal one process's."""
+    """FSDP2 on CPUs through `accelerate launch --config_file configs/accelerate/fsdp2.yaml` (selm
+    shards the model itself): each decoder layer is its own unit, and the weights, losses and whole
+    gradient norms equal one process's."""
     two = tmp_path / "two"
     _write_pairs(two)
-    cmd = torchrun(tiny_model_dir, two, *COUNTS)
-    cmd[cmd.index("selm.cli")] = "helpers_uneven"
-    _launch(cmd, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    cmd = accelerate_zero3(tiny_model_dir, two, *COUNTS, module="helpers_uneven")
+    cmd[cmd.index("--config_file") + 1] = str(ROOT / "configs" / "accelerate" / "fsdp2.yaml")
+    _launch(cmd)
     _assert_same_as_one_process(two, tmp_path / "one", tiny_model_dir)
     from transformers import AutoConfig
 
