@@ -110,8 +110,14 @@ class GenerateConfig:
     processes each process runs its own engine on its share of the prompts, on its own
     tensor_parallel_size GPUs."""
     vllm_gpu_memory_utilization: float = 0.9
-    """For backend "vllm": the fraction of each GPU's memory the engine may take (weights + KV
-    cache). Ignored on CPU."""
+    """For backend "vllm": the largest fraction of each GPU's memory the engine may take (weights + KV
+    cache). It takes less when less is free as it starts (what is free minus 1 GiB and 2 % of the
+    GPU). On a CPU the engine's KV cache is 4 GiB, or half the available RAM if that is less, unless
+    the environment variable VLLM_CPU_KVCACHE_SPACE (GiB) sets it."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the generate, evaluate and mtbench stages run the model in (both backends; the saved
+    weights keep model.dtype). "auto": bfloat16 where the device has it natively (a GPU that supports
+    it, a CPU with bf16 instructions), else model.dtype."""
     vllm_enforce_eager: bool = False
     """For backend "vllm": run the model eagerly, without torch.compile (and CUDA graphs): the engine
     starts faster and decodes slower; worth it for small jobs (the tests use it)."""

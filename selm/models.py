@@ -171,6 +171,22 @@ def local_model_dir(name: str, key: str) -> Path:
         raise InputError(f"{key}: {name!r} is not a local folder nor a model in the local Hugging Face cache") from None
 
 
+def model_context_length(path: Path) -> int | None:
+    """The longest sequence the model in a folder handles (config.json's max_position_embeddings,
+    also inside a multimodal model's text_config); None when the config does not say."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def check_safetensors(path: Path) -> None:
     if path.is_dir() and not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
