@@ -318,9 +318,23 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rc = _main(argv)
     from selm import dist
 
+    try:
+        rc = _main(argv)
+    except BaseException as e:
+        if dist.world_size() == 1:
+            raise
+        # A rank that failed leaves at once, with its traceback, through os._exit below: the
+        # interpreter's teardown would wait on a process group whose peers may sit in a collective
+        # (the launcher ends them when this rank exits non-zero).
+        if isinstance(e, SystemExit):  # argparse: --help (0) or a usage error (2)
+            rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            rc = 1
     if dist.world_size() > 1:
         # Under a launcher a finished rank leaves without the interpreter's teardown: gloo's
         # worker threads, destroyed there, intermittently abort the process ("terminate called
@@ -346,8 +360,11 @@ def _main(argv: list[str] | None) -> int:
 
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
     previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
+    succeeded = False
     try:
-        return _dispatch(args)
+        rc = _dispatch(args)
+        succeeded = rc == 0
+        return rc
     except InputError as e:
         if args.debug:
             import traceback
@@ -374,7 +391,10 @@ def _main(argv: list[str] | None) -> int:
         return 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     finally:
         signals.restore(previous)
-        dist.close()
+        # Only a rank that finished leaves the process group: destroying it while the other ranks
+        # wait in a collective for this one hangs them (and it) instead of ending the run.
+        if succeeded:
+            dist.close()
 
 
 def _say(text: str) -> None:
