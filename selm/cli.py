@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[flags["overrides"], flags["run_folder"], flags["new_config"]])
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("--pairs", type=Path, help="pairs file to train on (standalone mode); "
-                   "for a `datasets` folder with several splits, the split's own folder (DIR/train_prefs)")
+                   "for a `datasets` folder with several splits, the split's own folder (DIR/train_prefs); or a "
+                   "hub dataset id with --set data.split=SPLIT (e.g. HuggingFaceH4/ultrafeedback_binarized, "
+                   "train_prefs)")
     p.add_argument("--ref-model", type=Path, default=None,
                    help="reference model folder (default: the start model, as in SELM)")
     p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
@@ -405,6 +407,21 @@ def _say(text: str) -> None:
         print(text)
 
 
+def hub_pairs_file(name: str, cfg: Config, out: Path) -> Path:
+    """`train --pairs HUB_ID`: the rows of data.split (at data.revision), written once by the main
+    rank to OUT/hub_pairs.jsonl, which training then reads (and keys its reference cache by)."""
+    from selm import dist
+    from selm.data import iter_rows
+    from selm.io import atomic_write_jsonl
+
+    dest = Path(out) / "hub_pairs.jsonl"
+    rows = [row for _, row in iter_rows(name, cfg.data.split, "data.split", cfg.data.revision)]  # main rank first
+    if dist.is_main():
+        atomic_write_jsonl(dest, rows)
+    dist.barrier()
+    return dest
+
+
 def _dispatch(args) -> int:
     from selm import loop
     from selm.io import InputError
@@ -479,12 +496,17 @@ def _dispatch(args) -> int:
         if args.seed is not None and args.seed < 0:
             raise InputError("--seed: must be >= 0")
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
-        if not args.pairs.exists():
-            raise InputError(f"{args.pairs}: file not found")
+        pairs = args.pairs
+        if not pairs.exists():
+            from selm import hub
+
+            if not hub.is_repo_id(str(pairs)):
+                raise InputError(f"{pairs}: file not found")
+            pairs = hub_pairs_file(str(pairs), cfg, args.output_dir)
         loop.check_loggers(cfg)
         with dist.main_first():  # the main rank builds or converts it; the others then find it
             model = materialize_model(cfg.model, seed=cfg.seed)
-        summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
+        summary = run_train(cfg, pairs, model, args.output_dir, ref_model_path=args.ref_model,
                             seed=args.seed)
         _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
         return 0

@@ -235,7 +235,7 @@ class RewardModelRanker(Ranker):
         if not cfg.model:
             raise RankerError(f"{key}.model: required when {key}.kind is 'reward_model'")
         try:
-            path = local_model_dir(cfg.model, f"{key}.model")
+            path = local_model_dir(cfg.model, f"{key}.model", cfg.revision)
         except InputError as e:
             raise RankerError(str(e)) from None
         try:
