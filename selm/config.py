@@ -124,8 +124,8 @@ class GenerateConfig:
     the environment variable VLLM_CPU_KVCACHE_SPACE (GiB) sets it."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the generate, evaluate and mtbench stages run the model in (both backends; the saved
-    weights keep model.dtype). "auto": bfloat16 where the device has it natively (a GPU that supports
-    it, a CPU with bf16 instructions), else model.dtype."""
+    weights keep model.dtype). "auto": bfloat16 on a CUDA GPU that supports it, else model.dtype (also
+    on a CPU with bf16 instructions: set bfloat16 to opt in there)."""
     vllm_enforce_eager: bool = False
     """For backend "vllm": run the model eagerly, without torch.compile (and CUDA graphs): the engine
     starts faster and decodes slower; worth it for small jobs (the tests use it)."""

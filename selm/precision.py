@@ -70,9 +70,11 @@ def native_bf16(device) -> bool:
 
 
 def generation_dtype(setting: str, weights_dtype: str, device) -> str:
-    """`generate.dtype` for `device`: a dtype name as given; "auto": "bfloat16" where the device has
-    native bf16 (what the SELM authors generate in: half the memory of fp32 weights and KV cache),
-    else the weights' own dtype (emulated bf16 would be many times slower)."""
+    """`generate.dtype` for `device`: a dtype name as given; "auto": "bfloat16" on a CUDA GPU that
+    has it (what the SELM authors generate in: half the memory of fp32 weights and KV cache), else
+    the weights' own dtype. CPUs keep the weights' dtype even with bf16 instructions: bf16 generation
+    speed there is unmeasured, and the CPU results selm documents are fp32 generations."""
     if setting != "auto":
         return setting
-    return "bfloat16" if native_bf16(device) else weights_dtype
+    device = torch.device(device)
+    return "bfloat16" if device.type == "cuda" and native_bf16(device) else weights_dtype

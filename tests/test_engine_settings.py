@@ -160,14 +160,28 @@ def test_generate_dtype_reaches_both_backends(engines, backend, tmp_path, tiny_m
     from selm.stages.generate import run_generate
 
     prompts = _prompts(tmp_path, [[{"role": "user", "content": "hi"}]])
+    # "auto" on this CPU: the weights' dtype, even where the CPU has bf16 instructions.
     for setting, native, want in (("bfloat16", False, "bfloat16"), ("auto", False, "float32"),
-                                  ("auto", True, "bfloat16"), ("float16", True, "float16")):
+                                  ("auto", True, "float32"), ("float16", True, "float16")):
         monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
         cfg = load_config(TINY, overrides=[f"generate.backend={backend}", f"generate.dtype={setting}",
                                            "generate.max_new_tokens=2", "generate.num_samples=1"])
         run_generate(cfg, tiny_model_dir, prompts, tmp_path / f"{backend}-{setting}-{native}", seed=0)
         got = engines[backend] if backend == "hf" else engines["vllm"]["dtype"]
         assert got == want, (setting, native)
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_that_has_it(monkeypatch):
+    import torch
+
+    from selm import precision
+
+    gpu = torch.device("cuda", 0)
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        assert precision.generation_dtype("auto", "float32", gpu) == want
+        assert precision.generation_dtype("auto", "float32", "cpu") == "float32"
+    assert precision.generation_dtype("float16", "float32", gpu) == "float16"
 
 
 def test_evaluate_generates_in_the_generate_dtype(engines, tmp_path, tiny_model_dir):
