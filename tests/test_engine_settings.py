@@ -114,6 +114,10 @@ def test_engine_memory_failure_is_one_line_naming_the_setting(fake_vllm):
     kind, message, _ = conn.sent[0]
     assert kind == "input" and "\n" not in message
     assert message.startswith("InputError: VLLM_CPU_KVCACHE_SPACE: ") and "20.51/23.54 GiB" in message
+    # On a GPU the line names the share to lower.
+    gpu = vllm_backend.start_failure(ValueError("Free memory on device (10.2/79.1 GiB) on startup is less than desired "
+                                                "GPU memory utilization (0.9, 71.2 GiB)."), "cuda")
+    assert str(gpu).startswith("generate.vllm_gpu_memory_utilization: lower it") and "10.2/79.1 GiB" in str(gpu)
     # Any other failure keeps its traceback (kind "error").
     fake_vllm["raise"] = ValueError("unknown architecture")
     conn = _Conn()
