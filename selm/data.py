@@ -15,6 +15,7 @@ Files may be JSONL, Parquet, or a `datasets` folder (save_to_disk). Errors name 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -133,10 +134,24 @@ def _response(value: Any, prompt: Messages, where: str) -> str:
     return response_text_of(value, where)
 
 
-def load_pairs(path: str | Path, *, need_exploration: bool) -> list[PairRecord]:
-    pairs = [pair_from_row(row, where, need_exploration=need_exploration) for where, row in iter_rows(path, None, "")]
+def load_pairs(path: str | Path, *, need_exploration: bool, strict: bool = False, warn: bool = True) -> list[PairRecord]:
+    """The pairs of a file, less those whose chosen and rejected are the same response (and equally
+    finished): such a row carries no preference, only noise, so it is dropped with a warning line
+    that counts it (unless not `warn`) -- or, `strict`, refused."""
+    rows = [(where, pair_from_row(row, where, need_exploration=need_exploration)) for where, row in iter_rows(path, None, "")]
+    same = [where for where, p in rows if (p.chosen, p.finished[0]) == (p.rejected, p.finished[1])]
+    if same and strict:
+        raise InputError(f"{same[0]}: chosen and rejected are the same response ({len(same)} of {len(rows)} pairs "
+                         "are); such a pair carries no preference")
+    if same and warn:
+        from selm import dist
+
+        if dist.is_main():
+            print(f"selm: warning: {path}: dropped {len(same)} of {len(rows)} pairs whose chosen and rejected are the "
+                  f"same response (first: {same[0]}); they carry no preference", file=sys.stderr, flush=True)
+    pairs = [p for where, p in rows if where not in set(same)]
     if not pairs:
-        raise InputError(f"{path}: no pairs")
+        raise InputError(f"{path}: no pairs" + (" whose chosen and rejected differ" if rows else ""))
     return pairs
 
 
@@ -195,26 +210,63 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt", split: str | No
 
 
 def split_prompts(prompts: list[dict], *, iterations: int, eval_size: int, max_prompts: int | None,
-                  slices: str, shuffle: bool, seed: int, has_eval_file: bool) -> tuple[list[list[dict]], list[dict]]:
-    """Split into per-iteration training slices and a held-out evaluation set (disjoint)."""
+                  slices: str, shuffle: bool, seed: int, has_eval_file: bool, per_iteration: int | None = None,
+                  kept: list[list[dict]] | None = None) -> tuple[list[list[dict]], list[dict]]:
+    """Split into per-iteration training slices and a held-out evaluation set (disjoint).
+
+    The training prompts are taken in one fixed order (shuffled with `seed`). `kept`: the slices of
+    the iterations a run already has, which stay as they are; the slices after them take, in that
+    order, the training prompts no kept slice has (so a run grown from T to T' iterations keeps its
+    first T slices, and equals a T'-iteration run whenever the slices do not depend on T:
+    `per_iteration`, or `max_prompts` grown with the iterations)."""
     import random
 
     prompts = list(prompts)
     if shuffle:
         random.Random(seed).shuffle(prompts)
-    held = [] if has_eval_file else prompts[:eval_size]
-    train = prompts[len(held):]
+    used = {r["prompt_id"] for s in kept or [] for r in s}
+    # A kept slice's prompt is never held out (prompts added to a file of an extended run can
+    # reorder it); held-out prompts are those of the ordered file no kept slice has.
+    held = [] if has_eval_file else [r for r in prompts if r["prompt_id"] not in used][:eval_size]
+    held_ids = {r["prompt_id"] for r in held}
+    train = [r for r in prompts if r["prompt_id"] not in held_ids]
     if max_prompts is not None:
         train = train[:max_prompts]
+    parts = _slices(train, iterations, slices, per_iteration)
+    if not kept or slices == "all" or _ids(parts[:len(kept)]) == _ids(kept[:len(parts)]):
+        return parts, held
+    pool = [r for r in train if r["prompt_id"] not in used]
+    out = list(kept[:iterations])
+    for t in range(len(kept) + 1, iterations + 1):
+        need = len(parts[t - 1])
+        if len(pool) < need:
+            raise InputError(f"loop.iterations: iteration {t} needs {need} training prompts and {len(pool)} are left "
+                             f"after the {len(used)} that iterations 1..{len(kept)} use; add prompts to data.prompts "
+                             "or raise data.max_prompts (set data.prompts_per_iteration in runs you mean to extend)")
+        out.append(pool[:need])
+        pool = pool[need:]
+    return out, held
+
+
+def _ids(parts: list[list[dict]]) -> list[list[str]]:
+    return [[r["prompt_id"] for r in s] for s in parts]
+
+
+def _slices(train: list[dict], iterations: int, slices: str, per_iteration: int | None) -> list[list[dict]]:
+    if per_iteration is not None:
+        if slices == "disjoint" and len(train) < per_iteration * iterations:
+            raise InputError(f"data.prompts_per_iteration: {iterations} slices of {per_iteration} need "
+                             f"{per_iteration * iterations} training prompts, there are {len(train)}")
+        step = per_iteration if slices == "disjoint" else 0
+        return [train[t * step:t * step + per_iteration] for t in range(iterations)]
     if slices == "all":
-        parts = [train] * iterations
-    else:
-        if len(train) < iterations:
-            raise InputError(f"data.prompts: {len(train)} training prompts cannot make {iterations} disjoint slices")
-        size, extra = divmod(len(train), iterations)
-        parts, start = [], 0
-        for t in range(iterations):
-            end = start + size + (1 if t < extra else 0)
-            parts.append(train[start:end])
-            start = end
-    return parts, held
+        return [train] * iterations
+    if len(train) < iterations:
+        raise InputError(f"data.prompts: {len(train)} training prompts cannot make {iterations} disjoint slices")
+    size, extra = divmod(len(train), iterations)
+    parts, start = [], 0
+    for t in range(iterations):
+        end = start + size + (1 if t < extra else 0)
+        parts.append(train[start:end])
+        start = end
+    return parts

@@ -171,7 +171,22 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> None:
 
 
 def is_done(stage_dir: str | os.PathLike) -> bool:
+    """Whether the stage is done, as this process sees the folder (one process: `selm status`)."""
     return (Path(stage_dir) / DONE_MARKER).is_file()
+
+
+def on_main(read: Callable[[], Any]) -> Any:
+    """`read()` of the state on disk, done by the main rank and broadcast; every rank calls it together.
+    On a shared file system with attribute caching (NFS) another node can still see the state before
+    the main rank's last write, and would then take another branch than the main rank."""
+    from selm import dist
+
+    return dist.broadcast(read() if dist.is_main() else None)
+
+
+def is_done_everywhere(stage_dir: str | os.PathLike) -> bool:
+    """is_done as the main rank sees it, on every rank (called by all ranks together)."""
+    return on_main(lambda: is_done(stage_dir))
 
 
 def mark_done(stage_dir: str | os.PathLike, info: dict | None = None) -> None:
@@ -193,7 +208,7 @@ def ensure_stage(stage_dir: str | os.PathLike, build: Callable[[Path], object], 
     path = Path(stage_dir)
     if dist.is_main():
         clean_stale_temporaries(path)
-    if not is_done(path):
+    if not is_done_everywhere(path):
         # Under several processes every rank builds (they split the work) but only the main rank
         # touches the folder's bookkeeping; the others wait for it on both sides.
         if dist.is_main() and not resume and path.exists():
@@ -210,7 +225,7 @@ def ensure_stage(stage_dir: str | os.PathLike, build: Callable[[Path], object], 
                     atomic_write_json(path / FAILED_MARKER, {"error": f"{type(e).__name__}: {e}"[:1000]})
             raise
         dist.barrier()
-    return read_json(path / DONE_MARKER)
+    return on_main(lambda: read_json(path / DONE_MARKER))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from selm import dist
 from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
 from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
-                     mark_done, read_json)
+                     is_done_everywhere, mark_done, on_main, read_json)
 
 
 def stage_dir(out: Path, t: int, stage: str) -> Path:
@@ -62,20 +62,30 @@ def check_loggers(cfg: Config) -> None:
 
 def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     """Save the config into the run folder once the run can start (preflight); refuse a different
-    one for an existing run unless `allow_change`."""
+    one for an existing run unless `allow_change`. An allowed change first removes the stages it
+    affects (run_changes.plan: they are redone from their start) and says which and why."""
     check_for_loop(cfg)
     path = Path(out) / "config.yaml"
-    diffs = None  # None: nothing saved yet
-    if path.is_file():
-        diffs = _diff(load_yaml(path), config_to_dict(cfg), config_to_dict(Config()))
+    # None: nothing saved yet. The main rank's view of the folder decides for every rank.
+    diffs = on_main(lambda: _diff(load_yaml(path), config_to_dict(cfg), config_to_dict(Config()))
+                    if path.is_file() else None)
+    if diffs is not None:
         if diffs and not allow_change:
             shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
             raise ConfigError(f"{path}: this run was started with a different config ({shown}); "
                               "pass --continue-with-new-config to go on with the new one")
     preflight(cfg, out)
+    if diffs:
+        from selm import run_changes
+        from selm.config import config_from_dict
+
+        redo, split = run_changes.plan(config_from_dict(load_yaml(path)), cfg, out)
     dist.barrier()  # every rank has read the saved config before the main rank replaces it
     if dist.is_main() and diffs != []:
         if diffs:
+            for folder, why in redo:
+                print(f"selm: redoing {folder} from its start ({why})", flush=True)
+            run_changes.apply(out, redo, split)
             with open(Path(out) / "config_changes.log", "a", encoding="utf-8") as f:
                 f.write("; ".join(diffs) + "\n")
         save_config(cfg, path)
@@ -112,7 +122,7 @@ def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
     if t == 1:
         return start_model_path(cfg, out)
     prev = stage_dir(out, t - 1, "train")
-    if not is_done(prev):
+    if not is_done_everywhere(prev):
         raise InputError(f"{prev}: not finished; iteration {t} starts from iteration {t - 1}'s model")
     return prev / "model"
 
@@ -123,8 +133,9 @@ def prepare_data(cfg: Config, out: Path) -> Path:
     return d
 
 
-def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
-    """The run's training slices and held-out prompts, from the prompt files the config names."""
+def _load_split(cfg: Config, kept: list[list[dict]] | None = None) -> tuple[list[list[dict]], list[dict]]:
+    """The run's training slices and held-out prompts, from the prompt files the config names.
+    `kept`: the slices the run already has, which stay (data.split_prompts)."""
     from selm.data import load_prompts, split_prompts
 
     d = cfg.data
@@ -137,7 +148,8 @@ def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
                  if eval_source else None)
     slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=d.eval_size,
                                  max_prompts=d.max_prompts, slices=d.slices, shuffle=d.shuffle,
-                                 seed=cfg.seed, has_eval_file=eval_rows is not None)
+                                 seed=cfg.seed, has_eval_file=eval_rows is not None,
+                                 per_iteration=d.prompts_per_iteration, kept=kept)
     if eval_rows is not None:
         train_ids = {r["prompt_id"] for s in slices for r in s}
         held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
@@ -147,7 +159,10 @@ def _load_split(cfg: Config) -> tuple[list[list[dict]], list[dict]]:
 
 
 def _split_data(cfg: Config, d: Path) -> None:
-    slices, held = _load_split(cfg)
+    write_split(d, *_load_split(cfg))
+
+
+def write_split(d: Path, slices: list[list[dict]], held: list[dict]) -> None:
     for t, part in enumerate(slices, 1):
         atomic_write_jsonl(d / f"train_{t}.jsonl", part)
     atomic_write_jsonl(d / "eval.jsonl", held)
@@ -237,7 +252,7 @@ def run_stage(cfg: Config, out: Path, t: int, stage: str) -> dict:
     def build(sd: Path) -> None:
         prepare_data(cfg, out)
         prev = stage_dir(out, t, spec.after) if spec.after else None
-        if prev and not is_done(prev):
+        if prev and not is_done_everywhere(prev):
             raise InputError(f"{prev}: not finished; run `selm {spec.after}` for iteration {t} first")
         spec.run(cfg, out, t, sd)
 
@@ -266,7 +281,7 @@ def _evaluate(cfg: Config, out: Path, t: int) -> dict:
             baselines = {}
         else:
             train = stage_dir(out, t, "train")
-            if not is_done(train):
+            if not is_done_everywhere(train):
                 raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
             model = train / "model"
             baselines = {"start": _evaluated(cfg, out, 0)}
@@ -297,7 +312,7 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
 
     record_environment(out, config_to_dict(cfg))
     prepare_data(cfg, out)
-    evaluate = cfg.evaluate.enabled and (out / "data" / "eval.jsonl").stat().st_size > 0
+    evaluate = cfg.evaluate.enabled and on_main(lambda: (out / "data" / "eval.jsonl").stat().st_size > 0)
     if evaluate:
         on_stage(0, "evaluate")
         _evaluated(cfg, out, 0)
@@ -307,7 +322,7 @@ def run_loop(cfg: Config, out: Path, *, allow_config_change: bool = False, on_st
                 continue
             on_stage(t, stage)
             run_stage(cfg, out, t, stage)
-    summary = summarize(out, cfg.loop.iterations)
+    summary = on_main(lambda: summarize(out, cfg.loop.iterations))
     if dist.is_main():
         mark_done(out, summary)
     dist.barrier()

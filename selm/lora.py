@@ -12,6 +12,7 @@ model's own.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,11 @@ def wrap(model: torch.nn.Module, lc: LoraConfig, *, checkpointing: bool = False)
     config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
                              bias="none", task_type="CAUSAL_LM")
     try:
-        wrapped = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated alias is_gradient_checkpointing (a FutureWarning
+            # about PEFT's code, nothing the user can act on).
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. no module matches target_modules
         raise ConfigError(f"train.lora.target_modules: {e}") from None
     if checkpointing:

@@ -78,3 +78,9 @@ def generation_dtype(setting: str, weights_dtype: str, device) -> str:
         return setting
     device = torch.device(device)
     return "bfloat16" if device.type == "cuda" and native_bf16(device) else weights_dtype
+
+
+def autocast_dtype(setting: bool | str, device) -> torch.dtype | None:
+    """The dtype forwards on `device` autocast to under `train.bf16` (None: the weights' own). What
+    scores log-probs to compare with training's uses it too."""
+    return torch.bfloat16 if use_bf16(setting, device) else None

@@ -23,3 +23,18 @@ def not_numbers(prompt, responses):
 
 def all_equal(prompt, responses):
     return [0.5] * len(responses)
+
+
+def numeric_strings(prompt, responses):
+    return [str(20 + i) for i in range(len(responses))]
+
+
+def booleans(prompt, responses):
+    return [i == 0 for i in range(len(responses))]
+
+
+def numpy_and_torch(prompt, responses):
+    import numpy as np
+    import torch
+
+    return [np.float32(1.5), torch.tensor(2.0)] + [np.int64(3)] * (len(responses) - 2)

@@ -55,7 +55,7 @@ def test_nested_lora_keys_are_flags_of_train(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--pairs", "MISSING.jsonl", "--output-dir", "OUT"], "selm: error: MISSING.jsonl: file not found"),
-    (["train", "--pairs", "P", "--output-dir", "OUT", "--alpha", "-1"], "selm: error: train.alpha: must be >= 0"),
+    (["train", "--pairs", "P", "--output-dir", "OUT", "--alpha", "-1"], "selm: error: train.alpha (--alpha): must be >= 0"),
     (["train", "--pairs", "P", "--output-dir", "OUT", "--set", "train.bogus=1"], "selm: error: train.bogus: unknown key"),
     (["status", "NOWHERE"], "selm: error: NOWHERE: not a selm run folder"),
 ])

@@ -237,7 +237,7 @@ def test_wandb_requested_but_missing_is_one_line_naming_the_install(tmp_path, ca
     pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "exploration": "d"}) + "\n")
     rc = main(["train", "--pairs", str(pairs), "--output-dir", str(tmp_path / "out"), "--set", "train.report_to=wandb"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err == "selm: error: train.report_to: 'wandb' needs the wandb package (pip install wandb)"
+    assert rc == 2 and err == "selm: error: train.report_to (--report-to): 'wandb' needs the wandb package (pip install wandb)"
     assert not (tmp_path / "out").exists()
     assert main(["run", str(TINY), "--output-dir", str(tmp_path / "run"), "--set", "train.report_to=[wandb]"]) == 2
     assert "pip install wandb" in capsys.readouterr().err and not (tmp_path / "run" / "config.yaml").exists()

@@ -78,7 +78,7 @@ class Ranker:
     def _check(self, scores: Any, n: int, ids, i: int) -> list[float]:
         where = _where(ids, i)
         try:
-            out = [float(s) for s in scores]
+            out = [as_score(s) for s in scores]
         except (TypeError, ValueError):
             raise RankerError(f"{self.key}: {where}: expected a list of numbers, got {scores!r:.80}") from None
         if len(out) != n:
@@ -96,6 +96,21 @@ class Ranker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_score(value: Any) -> float:
+    """A score as a float: an int or float, or a NumPy or one-element torch number. A string is
+    refused even when it spells a number (a ranker returning text has a bug the score would hide),
+    and so is a bool (most often a comparison returned by mistake; return 0 or 1 if that is meant)."""
+    import numbers
+
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:  # a torch tensor
+        value = value.item()
+    elif hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "shape", None) == ():  # NumPy 0-d
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected a number, got {value!r:.40}")
+    return float(value)
 
 
 def import_function(spec: str | None, key: str) -> Callable:
@@ -170,10 +185,15 @@ class PairwiseRanker(Ranker):
 
     def _prob(self, prompt, a, b, ij, ids, i) -> float:
         try:
-            p = float(self.fn(prompt, a, b))
+            value = self.fn(prompt, a, b)
         except Exception as e:
             raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} raised {type(e).__name__}: {e} "
                               f"({_where(ids, i)})") from e
+        try:
+            p = as_score(value)
+        except TypeError:
+            raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} returned {value!r:.40} for candidates {ij} "
+                              f"of {_where(ids, i)}; expected a probability in [0, 1] (a number)") from None
         if not 0.0 <= p <= 1.0:  # also rejects nan
             raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} returned {p} for candidates {ij} of "
                               f"{_where(ids, i)}; expected a probability in [0, 1]")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from selm.config import PairwiseEvalConfig
+from selm.config import PairwiseEvalConfig, check_judge
 from selm.engines.rankers import RankerError, build_ranker
 from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, read_outputs, resolve_model,
                                      write_alpaca_outputs)
 from selm.evaluation.winrate import lc_win_rate
-from selm.io import InputError, atomic_write_json, atomic_write_jsonl
+from selm.io import atomic_write_json, atomic_write_jsonl
 from selm.stats import mean, outcomes, preference_win_rate
 
 KEY = "pairwise.judge"
@@ -107,8 +107,7 @@ def run_pairwise(cfg: PairwiseEvalConfig, model: str, baseline: str, prompts_fil
                  write_alpaca: bool = False) -> dict:
     """Judge `model` against `baseline` on `prompts_file`; write out/annotations.jsonl and
     out/pairwise.json (see the module docstring). Returns the pairwise.json content."""
-    if cfg.judge.kind in ("callable", "pairwise") and not cfg.judge.callable:
-        raise InputError(f"{KEY}.callable: required when {KEY}.kind is {cfg.judge.kind!r} (\"module:function\")")
+    check_judge(KEY, cfg.judge)  # before any answer is generated
     prompts = load_eval_prompts(prompts_file)
     model_out, model_gen = answers(model, "MODEL", prompts, Path(prompts_file), cfg)
     base_out, base_gen = answers(baseline, "--baseline", prompts, Path(prompts_file), cfg)
@@ -150,6 +149,8 @@ def table(result: dict) -> str:
     """The metrics as a small text table (what the command prints)."""
     def pct(value: float, ci: list) -> str:
         lo, hi = ci
+        if value != value:
+            return "  n/a"
         return f"{100 * value:5.1f}%  " + (f"[{100 * lo:.1f}, {100 * hi:.1f}]" if lo == lo else "[n/a]")
 
     r = result

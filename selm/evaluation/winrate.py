@@ -108,7 +108,9 @@ def lc_win_rate(preferences: Sequence[float], len_model: Sequence[float], len_ba
 
     `samples` > 0 adds a percentile bootstrap 95% interval over prompts (each resample refitted at
     the chosen C). Returns {"value", "ci95", "C", "coefficients": {name: w}, "n", "warning"}; the
-    warning (else None) says when the longer answer won every prompt: the fit then has no optimum.
+    warning (else None) says when the longer answer won every prompt (the fit then has no optimum),
+    or when the penalty set the model term to 0 (too few prompts for the fit): then value and
+    interval are NaN rather than a 50% [50, 50] that reads as a measurement.
     """
     p = np.clip(np.asarray(preferences, dtype=float), 0.0, 1.0)
     n = len(p)
@@ -134,6 +136,13 @@ def lc_win_rate(preferences: Sequence[float], len_model: Sequence[float], len_ba
         # bound) and the model term, hence LC, is not identified; its value is the optimiser's.
         out["warning"] = ("every preference is explained by which answer is longer: the length-controlled "
                           "win rate is not identified by these annotations")
+    if coef[-1] == 0.0 and out["warning"] is None:
+        # The penalty's floor, not a measurement: with the model term at 0 (and no difficulty
+        # terms) LC is exactly 50% and every bootstrap refit at this C gives 50% again.
+        out.update(value=float("nan"), warning=f"the L1 penalty (C={C:.3g}) set the model term to 0 on these {n} "
+                   "prompts: the length-controlled win rate is not measured here (it would read 50% by "
+                   "construction); judge more prompts")
+        return out
     if samples > 0:
         rng = np.random.default_rng(seed)
         values = []

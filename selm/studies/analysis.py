@@ -14,6 +14,7 @@ import torch
 
 from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_jsonl
+from selm.studies.steps import Steps
 from selm.studies.study import arm_config, arm_configs, Arm, load_study
 
 HELDOUT_PROMPTS = 48
@@ -69,7 +70,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     """
     from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_pairs
     from selm.models import load_causal_lm, load_tokenizer
-    from selm.stages.train import autocast_dtype
+    from selm.precision import autocast_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(model_path)
@@ -77,7 +78,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     ex = tokenize_pairs(tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
                         with_exploration=False)
     return score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train, device))
+                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train.bf16, device))
 
 
 def implicit_rewards(out: Path) -> Path:
@@ -95,24 +96,28 @@ def implicit_rewards(out: Path) -> Path:
     pairs = [PairRecord(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     shared = next(iter(arm_configs(study).values()))
     T = shared.loop.iterations
+    from selm.loop import start_model_path
+
     per: dict = {}
     start_cache: dict = {}
+    runs = []  # (arm, seed, config, start model, trained models by iteration): counted first for the progress lines
     for a in study["arms"]:
         arm = Arm(**a)
         for s in study["seeds"]:
             cfg = arm_config(study["base"], arm, s)
-            set_threads(cfg.generate.num_threads)
             run = out / arm.name / f"seed_{s}"
-            from selm.loop import start_model_path
-
-            sp = start_model_path(cfg, run)
+            models = {t: run / f"iter_{t}" / "train" / "model" for t in range(1, T + 1)}
+            runs.append((arm, s, cfg, start_model_path(cfg, run), {t: m for t, m in models.items() if m.is_dir()}))
+    total = len({str(r[3]) for r in runs}) + sum(len(r[4]) for r in runs)
+    with Steps("report: implicit rewards", total) as steps:
+        for arm, s, cfg, sp, models in runs:
+            set_threads(cfg.generate.num_threads)
             if str(sp) not in start_cache:
+                steps.start(f"start model of {arm.name} seed {s}")
                 start_cache[str(sp)] = _logps(sp, pairs, cfg)
             ref = start_cache[str(sp)]
-            for t in range(1, T + 1):
-                m = run / f"iter_{t}" / "train" / "model"
-                if not m.is_dir():
-                    continue
+            for t, m in models.items():
+                steps.start(f"{arm.name} seed {s} iteration {t}")
                 lp = _logps(m, pairs, cfg)
                 per[f"{arm.name}/{s}/{t}"] = {k: (cfg.train.beta * (lp[k] - ref[k])).tolist() for k in lp}
     diff = []

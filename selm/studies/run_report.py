@@ -12,7 +12,9 @@ from pathlib import Path
 
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
+from selm.studies.steps import Steps
 from selm.stats import head_to_head
+from selm.studies.cost import cost_lines, cost_table
 from selm.studies.exploration_report import run_section
 from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, legend,
                                  pyplot, training_curves)
@@ -43,7 +45,7 @@ def collect_run(out: Path) -> dict:
         row["gold_all"] = [cur[i]["gold"] for i in ids]
         rows.append(row)
     return {"run": str(out), "iterations": T, "alpha": cfg.train.alpha, "beta": cfg.train.beta,
-            "per_iteration": rows, "curves": _curves(out, T)}
+            "per_iteration": rows, "curves": _curves(out, T), "cost": cost_table([out], T)}
 
 
 def _plots(data: dict, plots: Path) -> list[str]:
@@ -93,7 +95,10 @@ def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
     """Write out/report.md, out/report.json and out/plots/*.png for the run folder `out`.
     `exploration_prompts` overrides report.exploration_prompts."""
     out = Path(out)
+    steps = Steps("report", 3)
+    steps.start(f"numbers from {out}")
     data = collect_run(out)
+    steps.start("plots")
     made = _plots(data, out / "plots")
     lines = [f"# selm run report: {out.name}", "",
              f"alpha={data['alpha']:g}, beta={data['beta']:g}, {data['iterations']} iterations. Every number is computed "
@@ -113,7 +118,10 @@ def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
                         ("training_curves.png", "Training curves")):
         if name in made:
             lines += [f"## {title}", "", f"![](plots/{name})", ""]
+    steps.start("exploration statistics (scoring responses with each iteration's model)")
     lines += run_section(out, data, exploration_prompts)
+    lines += cost_lines(data["cost"])
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    steps.close()
     return out / "report.md"
