@@ -92,6 +92,15 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
 
 
+def truncate_prompt(ids: list[int], max_prompt_length: int | None) -> list[int]:
+    """A prompt's token ids cut from the LEFT to max_prompt_length (the latest turn matters most):
+    the one rule for training (train.max_prompt_length) and for generation from the same prompts,
+    so the policy is trained on the prompt it answered."""
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        return ids[-max_prompt_length:]
+    return ids
+
+
 def encode_response(
     tokenizer, messages: Messages, response: str, prompt: str | None = None, stop_ids: Sequence[int] = (),
     finished: bool = True,

@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[flags["overrides"], flags["run_folder"], flags["new_config"]])
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("--pairs", type=Path, help="pairs file to train on (standalone mode); "
-                   "for a `datasets` folder with several splits, the split's own folder (DIR/train_prefs)")
+                   "for a `datasets` folder with several splits, the split's own folder (DIR/train_prefs); or a "
+                   "hub dataset id with --set data.split=SPLIT (e.g. HuggingFaceH4/ultrafeedback_binarized, "
+                   "train_prefs)")
     p.add_argument("--ref-model", type=Path, default=None,
                    help="reference model folder (default: the start model, as in SELM)")
     p.add_argument("--iteration", type=int, default=None, help="train iteration t of the run in --output-dir")
@@ -338,9 +340,23 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rc = _main(argv)
     from selm import dist
 
+    try:
+        rc = _main(argv)
+    except BaseException as e:
+        if dist.world_size() == 1:
+            raise
+        # A rank that failed leaves at once, with its traceback, through os._exit below: the
+        # interpreter's teardown would wait on a process group whose peers may sit in a collective
+        # (the launcher ends them when this rank exits non-zero).
+        if isinstance(e, SystemExit):  # argparse: --help (0) or a usage error (2)
+            rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            rc = 1
     if dist.world_size() > 1:
         # Under a launcher a finished rank leaves without the interpreter's teardown: gloo's
         # worker threads, destroyed there, intermittently abort the process ("terminate called
@@ -369,8 +385,11 @@ def _main(argv: list[str] | None) -> int:
 
     unquiet = quiet_screen()
     previous = signals.install()  # SIGTERM stops like Ctrl-C: at a safe point, resumable
+    succeeded = False
     try:
-        return _dispatch(args)
+        rc = _dispatch(args)
+        succeeded = rc == 0
+        return rc
     except InputError as e:
         if args.debug:
             import traceback
@@ -397,7 +416,10 @@ def _main(argv: list[str] | None) -> int:
         return 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     finally:
         signals.restore(previous)
-        dist.close()
+        # Only a rank that finished leaves the process group: destroying it while the other ranks
+        # wait in a collective for this one hangs them (and it) instead of ending the run.
+        if succeeded:
+            dist.close()
         unquiet()
 
 
@@ -407,6 +429,21 @@ def _say(text: str) -> None:
 
     if dist.is_main():
         print(text)
+
+
+def hub_pairs_file(name: str, cfg: Config, out: Path) -> Path:
+    """`train --pairs HUB_ID`: the rows of data.split (at data.revision), written once by the main
+    rank to OUT/hub_pairs.jsonl, which training then reads (and keys its reference cache by)."""
+    from selm import dist
+    from selm.data import iter_rows
+    from selm.io import atomic_write_jsonl
+
+    dest = Path(out) / "hub_pairs.jsonl"
+    rows = [row for _, row in iter_rows(name, cfg.data.split, "data.split", cfg.data.revision)]  # main rank first
+    if dist.is_main():
+        atomic_write_jsonl(dest, rows)
+    dist.barrier()
+    return dest
 
 
 def _dispatch(args) -> int:
@@ -483,17 +520,22 @@ def _dispatch(args) -> int:
         if args.seed is not None and args.seed < 0:
             raise InputError("--seed: must be >= 0")
         cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
-        if not args.pairs.exists():
-            raise InputError(f"{args.pairs}: file not found")
+        pairs = args.pairs
+        if not pairs.exists():
+            from selm import hub
+
+            if not hub.is_repo_id(str(pairs)):
+                raise InputError(f"{pairs}: file not found")
+            pairs = hub_pairs_file(str(pairs), cfg, args.output_dir)
         from selm.data import iter_rows, load_pairs
 
         # Checked before the model is built; training then loads (and warns about) the file itself.
-        dropped = sum(1 for _ in iter_rows(args.pairs, None, "")) - len(
-            load_pairs(args.pairs, need_exploration=False, strict=args.strict, warn=False))
+        dropped = sum(1 for _ in iter_rows(pairs, None, "")) - len(
+            load_pairs(pairs, need_exploration=False, strict=args.strict, warn=False))
         loop.check_loggers(cfg)
         with dist.main_first():  # the main rank builds or converts it; the others then find it
             model = materialize_model(cfg.model, seed=cfg.seed)
-        summary = run_train(cfg, args.pairs, model, args.output_dir, ref_model_path=args.ref_model,
+        summary = run_train(cfg, pairs, model, args.output_dir, ref_model_path=args.ref_model,
                             seed=args.seed)
         same = f" ({dropped} whose chosen and rejected are the same dropped)" if dropped else ""
         _say(f"trained {summary['steps']} steps on {summary['pairs']} pairs{same} -> {args.output_dir / 'model'}")

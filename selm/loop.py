@@ -48,7 +48,7 @@ def preflight(cfg: Config, out: Path | None = None) -> None:
         if rc.kind in ("callable", "pairwise"):
             import_function(rc.callable, key)
         elif rc.kind in ("reward_model", "pairrm"):
-            local_model_dir(rc.model, f"{key}.model")
+            local_model_dir(rc.model, f"{key}.model", rc.revision)
     check_loggers(cfg)
 
 
@@ -141,10 +141,11 @@ def _load_split(cfg: Config, kept: list[list[dict]] | None = None) -> tuple[list
     d = cfg.data
     if not d.prompts:
         raise ConfigError("data.prompts: required to run the loop")
-    prompts = load_prompts(d.prompts, d.prompt_field, d.split, "data.split")
+    prompts = load_prompts(d.prompts, d.prompt_field, d.split, "data.split", d.revision)
     # eval_split without eval_prompts: the held-out prompts are another split of the same folder.
     eval_source = d.eval_prompts or (d.prompts if d.eval_split else None)
-    eval_rows = load_prompts(eval_source, d.prompt_field, d.eval_split, "data.eval_split") if eval_source else None
+    eval_rows = (load_prompts(eval_source, d.prompt_field, d.eval_split, "data.eval_split", d.revision)
+                 if eval_source else None)
     slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=d.eval_size,
                                  max_prompts=d.max_prompts, slices=d.slices, shuffle=d.shuffle,
                                  seed=cfg.seed, has_eval_file=eval_rows is not None,

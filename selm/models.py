@@ -141,7 +141,7 @@ def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> 
         return _converted(gguf, model_cfg.dtype)
     if model_cfg.gguf_file:
         return _converted(_gguf_path(model_cfg.name_or_path, model_cfg.gguf_file), model_cfg.dtype)
-    return local_model_dir(model_cfg.name_or_path, "model.name_or_path")
+    return local_model_dir(model_cfg.name_or_path, "model.name_or_path", model_cfg.revision)
 
 
 def check_model_source(model_cfg) -> None:
@@ -154,21 +154,35 @@ def check_model_source(model_cfg) -> None:
     elif model_cfg.gguf_file:
         _gguf_path(name, model_cfg.gguf_file)
     else:
-        local_model_dir(name, "model.name_or_path")
+        local_model_dir(name, "model.name_or_path", model_cfg.revision)
 
 
-def local_model_dir(name: str, key: str) -> Path:
-    """A local folder, or a hub id resolved from the local Hugging Face cache only (runs are offline).
-    `key` is the config key that named it, for the error."""
+def local_model_dir(name: str, key: str, revision: str | None = None) -> Path:
+    """A local folder, or a hub id: downloaded into the Hugging Face cache on first use, at
+    `revision` when given; with HF_HUB_OFFLINE=1 the local cache only (selm/hub.py). `key` is the
+    config key that named it, for the error."""
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    from selm.hub import model_dir
 
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise InputError(f"{key}: {name!r} is not a local folder nor a model in the local Hugging Face cache") from None
+    return model_dir(name, key, revision)
+
+
+def model_context_length(path: Path) -> int | None:
+    """The longest sequence the model in a folder handles (config.json's max_position_embeddings,
+    also inside a multimodal model's text_config); None when the config does not say."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def check_safetensors(path: Path) -> None:

@@ -44,12 +44,7 @@ def use_bf16(setting: bool | str, device) -> bool:
     """`train.bf16` for `device`: true/false as given; "auto": bf16 where the device has it natively."""
     if setting != "auto":
         return bool(setting)
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if kind == "cpu":
-        return cpu_native_bf16()
-    return False  # other accelerators: fp32, correct everywhere; set true to opt in
+    return native_bf16(device)  # other accelerators: fp32, correct everywhere; set true to opt in
 
 
 def describe(setting: bool | str, device) -> str:
@@ -61,6 +56,28 @@ def describe(setting: bool | str, device) -> str:
     why = {"cuda": "GPU bf16 support", "cpu": "CPU bf16 instructions"}.get(kind, f"device {kind}")
     have = use_bf16(setting, device)
     return f"train.bf16=auto: {chosen} ({why}: {'yes' if have else 'no'})"
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` multiplies bf16 natively (a CUDA GPU that supports it, a CPU with bf16
+    instructions); other accelerators: False."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return cpu_native_bf16()
+    return False
+
+
+def generation_dtype(setting: str, weights_dtype: str, device) -> str:
+    """`generate.dtype` for `device`: a dtype name as given; "auto": "bfloat16" on a CUDA GPU that
+    has it (what the SELM authors generate in: half the memory of fp32 weights and KV cache), else
+    the weights' own dtype. CPUs keep the weights' dtype even with bf16 instructions: bf16 generation
+    speed there is unmeasured, and the CPU results selm documents are fp32 generations."""
+    if setting != "auto":
+        return setting
+    device = torch.device(device)
+    return "bfloat16" if device.type == "cuda" and native_bf16(device) else weights_dtype
 
 
 def autocast_dtype(setting: bool | str, device) -> torch.dtype | None:

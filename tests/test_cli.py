@@ -74,3 +74,36 @@ def test_console_script_entry_point():
     assert out.returncode == 0 and out.stdout.startswith("selm ")
     sub = build_parser()._subparsers._group_actions[0].choices
     assert {"run", "generate", "rank", "pair", "train", "evaluate", "status", "options"} <= set(sub)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("boom in a collective"), None])
+def test_a_failing_rank_exits_without_tearing_down_the_process_group(monkeypatch, capsys, failure):
+    """Under a launcher (world size 2) a rank whose command raises leaves with exit status 1 and its
+    traceback, through os._exit, WITHOUT destroying the process group (its peers may be waiting in
+    a collective: destroying it hangs them). A rank that finished leaves the group as before."""
+    from selm import cli, dist
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(rc):
+        raise Exited(rc)
+
+    closed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "close", lambda: closed.append(True))
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+
+    def dispatch(args):
+        if failure is not None:
+            raise failure
+        return 0
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    with pytest.raises(Exited) as e:
+        main(["status", "/nonexistent"])
+    if failure is None:
+        assert e.value.args == (0,) and closed == [True]
+    else:
+        assert e.value.args == (1,) and closed == []
+        assert "RuntimeError: boom in a collective" in capsys.readouterr().err

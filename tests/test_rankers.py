@@ -285,3 +285,49 @@ def test_http_judge_redacts_the_key_from_errors(judge_server, monkeypatch):
     with pytest.raises(RankerError) as e:
         _http(server.url).score([P], [["a"]])
     assert "sk-echoed-secret" not in str(e.value) and "Bearer ***" in str(e.value)
+
+
+def test_reward_model_loads_whole_on_the_process_device(reward_models, monkeypatch):
+    """After a ZeRO-3 training stage in the same process transformers' DeepSpeed setting is on, and
+    a plain load would partition the weights (zero.Init): the ranker loads whole (the guard the
+    generator uses), onto models.default_device() (a stand-in device here), in its dtype."""
+    import contextlib
+
+    import torch
+
+    from selm import models
+    from selm.engines.rankers import scoring_dtype
+
+    state = {"guarded": False, "loads": []}
+    real_guard = models._whole_weights
+
+    @contextlib.contextmanager
+    def guard():
+        with real_guard():
+            state["guarded"] = True
+            try:
+                yield
+            finally:
+                state["guarded"] = False
+
+    from transformers import AutoModelForSequenceClassification
+
+    real_load = AutoModelForSequenceClassification.from_pretrained.__func__
+
+    def load(cls, *args, **kwargs):
+        state["loads"].append((state["guarded"], kwargs["dtype"]))
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(models, "_whole_weights", guard)
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(models, "default_device", lambda: torch.device("meta"))
+    r = _rm(reward_models["plain"])
+    assert state["loads"] == [(True, torch.float32)]
+    assert r.device == torch.device("meta") and {p.device.type for p in r.model.parameters()} == {"meta"}
+    # Half precision on GPUs: bf16 where native, else fp16; fp32 on a CPU.
+    from selm import precision
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        assert scoring_dtype(torch.device("cuda", 0)) == want
+    assert scoring_dtype(torch.device("cpu")) == torch.float32

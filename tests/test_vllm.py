@@ -270,3 +270,37 @@ def test_each_rank_takes_its_own_gpus(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(InputError, match="generate.tensor_parallel_size: 2 GPUs per process for local rank 1"):
         _gpus_for_rank(2)
+
+
+@needs_vllm
+def test_an_over_long_prompt_is_cut_as_in_training_and_the_engine_sizes_its_own_memory(model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """A prompt longer than the model's context (1,024 positions) among short ones: the generate
+    stage cuts it to train.max_prompt_length as training does, so the engine starts (before, its
+    max_model_len was that prompt + max_new_tokens, over the context, and vLLM refused) and both
+    backends answer the same greedy text. VLLM_CPU_KVCACHE_SPACE is unset: the engine sizes its KV
+    cache from the available RAM (before, vLLM-CPU's 0.92-of-all-RAM default refused to start on
+    a machine with less than that free)."""
+    from selm.stages.generate import run_generate
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    long_prompt = [{"role": "user", "content": "tell me more " * 100 + "and then stop?"}]
+    rows = [long_prompt] + PROMPTS[:3]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(rows)))
+    out = {}
+    for backend in ("hf", "vllm"):
+        cfg = load_config(TINY, overrides=[f"generate.backend={backend}", "generate.num_samples=0",
+                                           "generate.vllm_enforce_eager=true"])
+        run_generate(cfg, model_dir, prompts, tmp_path / backend, seed=0)
+        out[backend] = (tmp_path / backend / "generations.jsonl").read_text()
+    from selm.models import load_tokenizer, model_context_length
+
+    assert len(encode_prompt_ids(load_tokenizer(model_dir), long_prompt)) > model_context_length(model_dir)
+    assert out["vllm"] == out["hf"]
+
+
+def encode_prompt_ids(tokenizer, prompt):
+    from selm.engines.generation import encode_for_generation
+
+    return encode_for_generation(tokenizer, [prompt])[0]

@@ -29,7 +29,7 @@ from typing import NamedTuple, Protocol, Sequence
 import torch
 
 from selm import dist
-from selm.chat import Messages, decode_response, encode_prompt, end_of_turn_ids, normalize_prompt
+from selm.chat import Messages, decode_response, encode_prompt, end_of_turn_ids, normalize_prompt, truncate_prompt
 from selm.config import check_sampling
 
 
@@ -307,17 +307,21 @@ def decode_batch(model, prompt_ids: Sequence[Sequence[int]], prompt_index: Seque
 # The Hugging Face backend
 
 
-def encode_for_generation(tokenizer, prompts: Sequence[Messages | str]) -> list[list[int]]:
-    """Chat-template token ids of each prompt (with the assistant generation prompt)."""
-    return [encode_prompt(tokenizer, normalize_prompt(p, where=f"prompts[{i}]")) for i, p in enumerate(prompts)]
+def encode_for_generation(tokenizer, prompts: Sequence[Messages | str],
+                          max_prompt_length: int | None = None) -> list[list[int]]:
+    """Chat-template token ids of each prompt (with the assistant generation prompt), cut as
+    training cuts them when max_prompt_length is given (chat.truncate_prompt)."""
+    return [truncate_prompt(encode_prompt(tokenizer, normalize_prompt(p, where=f"prompts[{i}]")), max_prompt_length)
+            for i, p in enumerate(prompts)]
 
 
 class HFGenerator:
     """Our decoding loop over an already-loaded Hugging Face causal LM (on any device)."""
 
-    def __init__(self, model, tokenizer, batch_size: int):
+    def __init__(self, model, tokenizer, batch_size: int, max_prompt_length: int | None = None):
         if batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
+        self.max_prompt_length = max_prompt_length
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -329,7 +333,7 @@ class HFGenerator:
                  progress: str | None = None) -> list[list[Sample]]:
         from tqdm.auto import tqdm
 
-        encoded = encode_for_generation(self.tokenizer, prompts)
+        encoded = encode_for_generation(self.tokenizer, prompts, self.max_prompt_length)
         # Longest first: similar lengths share a batch (little padding) and memory peaks early.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
@@ -357,11 +361,12 @@ BACKENDS = ("hf", "vllm")
 
 def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
                     batch_size: int, device: str | None = None, tensor_parallel_size: int = 1,
-                    gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> Generator:
+                    gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                    max_prompt_length: int | None = None) -> Generator:
     """A generation backend over a model folder. "hf" loads the model here (device: None picks CUDA
     when available; batch_size prompts per batch); "vllm" starts an engine on the folder for each
     `generate` call (selm/engines/vllm_backend.py; tensor_parallel_size, gpu_memory_utilization,
-    enforce_eager)."""
+    enforce_eager). Both cut prompts to max_prompt_length tokens as training does."""
     if backend not in BACKENDS:
         raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "vllm":
@@ -369,14 +374,14 @@ def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_r
 
         return VLLMGenerator(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                             enforce_eager=enforce_eager)
+                             enforce_eager=enforce_eager, max_prompt_length=max_prompt_length)
     from selm.models import default_device, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
     model = load_causal_lm(Path(model_path), dtype, trust_remote_code)
     if device is None:
         device = default_device()
-    return HFGenerator(model.to(device), tokenizer, batch_size)
+    return HFGenerator(model.to(device), tokenizer, batch_size, max_prompt_length)
 
 
 def generate_samples(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,

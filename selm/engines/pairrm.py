@@ -307,5 +307,5 @@ def load_pairrm(cfg: RankConfig, key: str) -> Any:
 
     if not cfg.model:
         raise InputError(f"{key}.model: required when {key}.kind is 'pairrm' (the PairRM checkpoint folder)")
-    path = local_model_dir(cfg.model, f"{key}.model")
+    path = local_model_dir(cfg.model, f"{key}.model", cfg.revision)
     return PairRM(path, key=f"{key}.model", batch_size=cfg.batch_size)

@@ -215,6 +215,18 @@ class PairwiseRanker(Ranker):
 # Reward model
 
 
+def scoring_dtype(device):
+    """A scoring model's dtype: bf16 on a GPU that has it (what reward models are trained in), else
+    fp16 on a GPU; fp32 on a CPU (half precision is emulated there, and slow)."""
+    import torch
+
+    from selm.precision import native_bf16
+
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
 class RewardModelRanker(Ranker):
     """A sequence-classification reward model; score = logit[0] at the last non-pad token.
 
@@ -237,12 +249,13 @@ class RewardModelRanker(Ranker):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from selm.models import check_safetensors, load_tokenizer, local_model_dir, quiet_transformers
+        from selm.models import (_whole_weights, check_safetensors, default_device, load_tokenizer, local_model_dir,
+                                 quiet_transformers)
 
         if not cfg.model:
             raise RankerError(f"{key}.model: required when {key}.kind is 'reward_model'")
         try:
-            path = local_model_dir(cfg.model, f"{key}.model")
+            path = local_model_dir(cfg.model, f"{key}.model", cfg.revision)
         except InputError as e:
             raise RankerError(str(e)) from None
         try:
@@ -252,9 +265,13 @@ class RewardModelRanker(Ranker):
         quiet_transformers()
         self.tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
-        ).eval()
+        self.device = default_device()
+        # Whole weights even after a ZeRO-3 training stage in this process (it would load them
+        # partitioned, and the forward fails); half precision on a GPU (a 7B model in fp32 is 28 GB).
+        with _whole_weights():
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=scoring_dtype(self.device)
+            ).to(self.device).eval()
         config = self.model.config
         # The model pools at the rightmost token != config.pad_token_id, so padding must use THAT id.
         if config.pad_token_id is None:
@@ -314,7 +331,8 @@ class RewardModelRanker(Ranker):
                     input_ids[b, :len(rows[k])] = torch.tensor(rows[k], dtype=torch.long)
                     mask[b, :len(rows[k])] = 1
                 try:
-                    logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, num_labels)
+                    logits = self.model(input_ids=input_ids.to(self.device),
+                                        attention_mask=mask.to(self.device)).logits  # (B, num_labels)
                 except Exception as e:
                     where = ", ".join(_where(ids, i) for i in range(len(prompts)))
                     raise RankerError(f"{self.key}.model: forward pass failed ({where}): {type(e).__name__}: {e}") from e

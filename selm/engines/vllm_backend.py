@@ -14,6 +14,11 @@
   and a fresh process leaves training the whole device.
 - Under several selm processes each rank runs its own engine on its share of the prompts (on its own
   tensor_parallel_size GPUs) and the results are gathered, in input order, on every rank.
+- The engine's memory share is derived from what is free when it starts (engine_memory): on a GPU
+  at most generate.vllm_gpu_memory_utilization of the device and never more than is free minus a
+  margin (a training stage earlier in the same process may still hold some); on a CPU a KV cache
+  sized from the available RAM, unless VLLM_CPU_KVCACHE_SPACE sets it. A start that still fails for
+  memory ends in one line naming the setting to change.
 """
 
 from __future__ import annotations
@@ -70,6 +75,73 @@ def engine_requests(prompt_index: Sequence[int], params) -> list[dict]:
     return reqs
 
 
+GiB = 1 << 30
+# vLLM-CPU's former default KV cache (VLLM_CPU_KVCACHE_SPACE=4): plenty for selm's per-rank batches;
+# vLLM runs fewer rows at once when it is short.
+CPU_KV_CACHE_BYTES = 4 * GiB
+
+
+def memory_margin(total: int) -> int:
+    """Memory left free beside the engine: 1 GiB plus 2 % of the device (allocator slack, other
+    processes' growth while the engine loads)."""
+    return GiB + total // 50
+
+
+def engine_memory(device: str, utilization: float, free: int, total: int, env=os.environ) -> dict:
+    """vLLM's memory arguments from what is free now (bytes) on the engine's device ("cuda" or "cpu").
+
+    - cuda: gpu_memory_utilization = the configured share, lowered to (free - margin) / total: vLLM
+      refuses to start when less than its share x total is free.
+    - cpu: vLLM reads gpu_memory_utilization (default 0.92) as a share of ALL RAM and refuses to
+      start unless that much is available; an explicit KV cache size skips that check. So the KV
+      cache gets CPU_KV_CACHE_BYTES, at most half of what is available beyond the margin, unless
+      VLLM_CPU_KVCACHE_SPACE (GiB) is set, which vLLM applies itself.
+    """
+    room = free - memory_margin(total)
+    if device == "cpu":
+        if env.get("VLLM_CPU_KVCACHE_SPACE", "") != "":
+            return {}
+        if room <= 0:
+            raise InputError(f"VLLM_CPU_KVCACHE_SPACE: only {free / GiB:.1f} of {total / GiB:.1f} GiB of RAM are "
+                             f"available for the vLLM engine; free memory or set it (GiB of KV cache)")
+        return {"kv_cache_memory_bytes": min(CPU_KV_CACHE_BYTES, room // 2)}
+    if room <= 0:
+        raise InputError(f"generate.vllm_gpu_memory_utilization: only {free / GiB:.1f} of {total / GiB:.1f} GiB "
+                         f"are free on the GPU when the vLLM engine starts; free the device (another process "
+                         f"or stage holds it)")
+    return {"gpu_memory_utilization": min(utilization, room / total)}
+
+
+def _free_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes on the engine's device: CUDA's own count, or the RAM available to start
+    processes (what vLLM-CPU checks)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return vm.available, vm.total
+
+
+_MEMORY_WORDS = ("memory", "out of memory", "kv cache")
+
+
+def start_failure(e: BaseException, device: str) -> InputError | None:
+    """One line naming the setting to change for an engine that could not start for memory; None
+    for other failures (they keep their traceback)."""
+    text = str(e)
+    if not any(w in text.lower() for w in _MEMORY_WORDS):
+        return None
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+    if device == "cpu":
+        hint = "VLLM_CPU_KVCACHE_SPACE: set it (GiB of KV cache) lower, or free RAM"
+    else:
+        hint = "generate.vllm_gpu_memory_utilization: lower it, or free the GPU"
+    return InputError(f"{hint}; the vLLM engine could not start: {first}")
+
+
 def _gpus_for_rank(tensor_parallel_size: int) -> str | None:
     """CUDA_VISIBLE_DEVICES for this rank's engine under a launcher: local rank r takes the visible
     devices r*tp .. r*tp+tp-1. None with one process (vLLM picks its own)."""
@@ -108,21 +180,27 @@ def _engine_main(conn, spec: dict, jobs: list[tuple[list[list[int]], list[dict]]
 
         if current_platform.is_unspecified():
             raise InputError(f"generate.backend: 'vllm' found no device it supports; {INSTALL_HINT}")
+        device = "cuda" if current_platform.is_cuda_alike() else "cpu"
         kwargs = dict(model=spec["model"], tokenizer=spec["model"], dtype=spec["dtype"], seed=0,
                       trust_remote_code=spec["trust_remote_code"], max_model_len=spec["max_model_len"],
                       tensor_parallel_size=spec["tensor_parallel_size"], enable_prefix_caching=True,
                       enforce_eager=spec["enforce_eager"])
         if spec["tensor_parallel_size"] == 1:
             kwargs["distributed_executor_backend"] = "uni"
-        if current_platform.is_cuda_alike():
-            kwargs["gpu_memory_utilization"] = spec["gpu_memory_utilization"]
+        kwargs.update(engine_memory(device, spec["gpu_memory_utilization"], *_free_memory(device)))
         if current_platform.is_cpu():
             # A prompt split over steps (chunked prefill) makes vLLM rewind a seeded request's
             # random generator, which the CPU generator cannot do (RuntimeError: CPU Generator does
             # not use offset); whole prompts per step avoid it.
             kwargs["enable_chunked_prefill"] = False
         t0 = time.perf_counter()
-        llm = LLM(**kwargs)
+        try:
+            llm = LLM(**kwargs)
+        except Exception as e:
+            hint = start_failure(e, device)
+            if hint is None:
+                raise
+            raise hint from e
         results, seconds = [], [time.perf_counter() - t0]
         for prompts, requests in jobs:
             t0 = time.perf_counter()
@@ -171,15 +249,31 @@ def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]],
     raise RuntimeError(f"vLLM engine failed: {reply[1]}\n--- engine traceback ---\n{reply[2]}")
 
 
+def max_model_len(longest_prompt: int, max_new_tokens: int, context: int | None) -> int:
+    """The engine's context: the longest prompt plus max_new_tokens, never more than the model's own
+    context (vLLM refuses to start above it; a response then stops at the context, as "length")."""
+    want = longest_prompt + max_new_tokens
+    if context is None:
+        return want
+    if longest_prompt >= context:
+        raise InputError(f"generate.backend: a prompt of {longest_prompt} tokens leaves no room for a response in "
+                         f"the model's context of {context} tokens (max_position_embeddings); shorten it "
+                         f"(train.max_prompt_length cuts the generate and evaluate stages' prompts)")
+    return min(want, context)
+
+
 class VLLMGenerator:
     """Generation with vLLM on a model folder; one engine (process) per `generate` call."""
 
     def __init__(self, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 max_prompt_length: int | None = None):
         require_vllm()
-        from selm.models import load_tokenizer
+        from selm.models import load_tokenizer, model_context_length
 
         self.model_path = Path(model_path)
+        self.max_prompt_length = max_prompt_length
+        self.context_length = model_context_length(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.spec = {"model": str(self.model_path), "dtype": dtype, "trust_remote_code": trust_remote_code,
@@ -189,13 +283,14 @@ class VLLMGenerator:
     def generate(self, prompts: Sequence[Messages | str], params, progress: str | None = None) -> list[list]:
         from selm.engines.generation import Sample, encode_for_generation
 
-        encoded = encode_for_generation(self.tokenizer, prompts)
+        encoded = encode_for_generation(self.tokenizer, prompts, self.max_prompt_length)
         mine = dist.shard(list(range(len(encoded))))
         R = params.rows_per_prompt
         results: dict[int, list[Sample]] = {}
         if mine:
+            longest = max(len(encoded[i]) for i in mine)
             spec = {**self.spec, "progress": progress is not None and dist.is_main(),
-                    "max_model_len": max(len(encoded[i]) for i in mine) + params.max_new_tokens,
+                    "max_model_len": max_model_len(longest, params.max_new_tokens, self.context_length),
                     "cuda_visible_devices": _gpus_for_rank(self.spec["tensor_parallel_size"])}
             prompt_ids = [encoded[i] for i in mine]
             rows = [p for p in prompt_ids for _ in range(R)]

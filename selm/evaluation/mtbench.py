@@ -171,13 +171,12 @@ def generate_answers(cfg: Config, model_path: Path, questions: list[Question]) -
     """The model's two answers per question: turn 2 is asked after its own turn-1 answer."""
     from selm.engines import generation
     from selm.models import set_threads
+    from selm.stages.generate import stage_generator
 
     m, g = cfg.mtbench, cfg.generate
     set_threads(g.num_threads)
-    generator = generation.build_generator(
-        g.backend, model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-        batch_size=m.batch_size, tensor_parallel_size=g.tensor_parallel_size,
-        gpu_memory_utilization=g.vllm_gpu_memory_utilization, enforce_eager=g.vllm_enforce_eager)
+    # Turn 2 holds the model's own first answer: not cut to training's prompt length.
+    generator = stage_generator(cfg, model_path, m.batch_size, cut_prompts=False)
     greedy = m.temperature == 0
 
     def ask(conversations: list[list[dict]], turn: int) -> list:

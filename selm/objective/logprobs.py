@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from selm.chat import encode_prompt, encode_response, end_of_turn_ids, prompt_text
+from selm.chat import encode_prompt, encode_response, end_of_turn_ids, prompt_text, truncate_prompt
 from selm.data import PairRecord
 from selm.objective.attention import use_segments
 from selm.objective.lmhead import token_logps as chunked_token_logps
@@ -43,8 +43,7 @@ def truncate(prompt: list[int], response: list[int], *, max_length: int, max_pro
     """Cut the prompt from the LEFT to max_prompt_length (the latest turn matters most), then cut the
     response at the end so that prompt + response <= max_length. Each response is cut by its own
     length (the authors' code cut the exploration response by the chosen one's)."""
-    if len(prompt) > max_prompt_length:
-        prompt = prompt[-max_prompt_length:]
+    prompt = truncate_prompt(prompt, max_prompt_length)
     return prompt, response[: max(1, max_length - len(prompt))]
 
 
