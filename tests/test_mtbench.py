@@ -302,7 +302,7 @@ def test_judge_extra_body_reaches_every_request_and_keys_the_judgments(tmp_path,
     # A field selm sets itself is refused in one line, before any request.
     assert main(argv + ["--set", 'mtbench.judge_extra_body={"temperature": 1}']) == 2
     assert message_lines(capsys.readouterr().err) == [
-        "selm: error: mtbench.judge_extra_body: temperature is set by selm itself; remove it"]
+        "selm: error: mtbench.judge_extra_body (--judge-extra-body): temperature is set by selm itself; remove it"]
     assert main(argv + ["--set", "mtbench.judge_extra_body=[1]"]) == 2
     assert "mtbench.judge_extra_body: expected a mapping" in capsys.readouterr().err
     assert len(judge.requests) == 24
