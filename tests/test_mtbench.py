@@ -304,5 +304,5 @@ def test_judge_extra_body_reaches_every_request_and_keys_the_judgments(tmp_path,
     assert message_lines(capsys.readouterr().err) == [
         "selm: error: mtbench.judge_extra_body (--judge-extra-body): temperature is set by selm itself; remove it"]
     assert main(argv + ["--set", "mtbench.judge_extra_body=[1]"]) == 2
-    assert "mtbench.judge_extra_body: expected a mapping" in capsys.readouterr().err
+    assert "mtbench.judge_extra_body (--judge-extra-body): expected a mapping" in capsys.readouterr().err
     assert len(judge.requests) == 24
