@@ -170,6 +170,7 @@ def generation_settings(cfg: Config) -> dict:
 def generate_answers(cfg: Config, model_path: Path, questions: list[Question]) -> list[dict]:
     """The model's two answers per question: turn 2 is asked after its own turn-1 answer."""
     from selm.engines import generation
+    from selm.engines.sampling import SamplingParams
     from selm.models import set_threads
 
     m, g = cfg.mtbench, cfg.generate
@@ -181,9 +182,8 @@ def generate_answers(cfg: Config, model_path: Path, questions: list[Question]) -
     greedy = m.temperature == 0
 
     def ask(conversations: list[list[dict]], turn: int) -> list:
-        params = generation.SamplingParams(num_samples=0 if greedy else 1, temperature=m.temperature, top_p=1.0,
-                                           max_new_tokens=m.max_new_tokens, include_greedy=greedy,
-                                           seed=cfg.seed + turn - 1)
+        params = SamplingParams(num_samples=0 if greedy else 1, temperature=m.temperature, top_p=1.0,
+                                max_new_tokens=m.max_new_tokens, include_greedy=greedy, seed=cfg.seed + turn - 1)
         return [row[0] for row in generator.generate(conversations, params, progress=f"mtbench: turn {turn}")]
 
     first = ask([[{"role": "user", "content": q.turns[0]}] for q in questions], 1)

@@ -146,7 +146,8 @@ def generate_outputs(folder: Path, prompts: list[dict], prompts_file: Path, sett
                      progress: str = "generate") -> tuple[list[str], bool]:
     """(one response per prompt; whether it came from the cache). `settings`: max_new_tokens,
     temperature, batch_size, dtype, seed."""
-    from selm.engines.generation import SamplingParams, build_generator
+    from selm.engines.generation import build_generator
+    from selm.engines.sampling import SamplingParams
     from selm.evaluation.mtbench import model_identity
     from selm.models import cache_root, set_threads
 

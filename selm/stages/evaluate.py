@@ -45,7 +45,8 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.engines.generation import SamplingParams, build_generator
+    from selm.engines.generation import build_generator
+    from selm.engines.sampling import SamplingParams
     from selm.models import load_tokenizer, set_threads
 
     ev, gc = cfg.evaluate, cfg.generate

@@ -75,7 +75,8 @@ def candidates_of(row: dict, samples: list, y0, y0_source: str, cfg) -> tuple[li
 
 def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *, seed: int) -> dict:
     """Run the stage; returns the stats and timing (as written to DONE.json)."""
-    from selm.engines.generation import SamplingParams, build_generator
+    from selm.engines.generation import build_generator
+    from selm.engines.sampling import SamplingParams
     from selm.models import set_threads
 
     gc = cfg.generate
