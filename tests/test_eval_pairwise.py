@@ -15,7 +15,7 @@ from helpers_cli import message_lines
 from selm.cli import main
 from selm.config import PairwiseEvalConfig, RankConfig
 from selm.engines.llm_pairwise import LLMPairwiseRanker, parse_verdict, probability_of_a
-from selm.engines.rankers import RankerError
+from selm.engines.ranker_base import RankerError
 from selm.io import InputError
 from selm.evaluation.outputs import load_eval_prompts
 from selm.evaluation.pairwise import run_pairwise
@@ -174,7 +174,7 @@ def test_timeouts_are_reported(judge_server, tmp_path):
 
 
 def test_llm_pairwise_as_a_ranker_aggregates_both_orders(judge_server):
-    from selm.engines.rankers import build_ranker
+    from selm.engines.registry import build_ranker
 
     s = judge_server(prefers_good(0.9))
     r = build_ranker(RankConfig(kind="llm_pairwise", url=s.url, judge_model="j"))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from selm.config import RankConfig
-from selm.engines.rankers import (HttpJudgeRanker, PairwiseRanker, RankerError, RewardModelRanker, build_ranker,
-                          parse_rating)
+from selm.engines.ranker_base import RankerError
+from selm.engines.rankers import HttpJudgeRanker, PairwiseRanker, RewardModelRanker, parse_rating
+from selm.engines.registry import build_ranker
 
 HERE = Path(__file__).parent
 P = [{"role": "user", "content": "hi"}]

@@ -13,7 +13,8 @@ import random
 from pathlib import Path
 
 from selm.config import PairwiseEvalConfig
-from selm.engines.rankers import RankerError, build_ranker
+from selm.engines.ranker_base import RankerError
+from selm.engines.registry import build_ranker
 from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, read_outputs, resolve_model,
                                      write_alpaca_outputs)
 from selm.evaluation.winrate import lc_win_rate

@@ -19,7 +19,7 @@ from selm.stats import bootstrap_ci, head_to_head, mean, preference_win_rate
 
 
 def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-    from selm.engines.rankers import build_ranker
+    from selm.engines.registry import build_ranker
 
     step = 16
     chunks = list(range(0, len(prompts), step))

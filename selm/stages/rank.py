@@ -27,7 +27,8 @@ from selm import dist
 from selm.chat import normalize_prompt
 from selm.config import Config, RankConfig
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, iter_jsonl, mark_done
-from selm.engines.rankers import Ranker, RankerError, build_ranker
+from selm.engines.ranker_base import Ranker, RankerError
+from selm.engines.registry import build_ranker
 
 PROMPTS_PER_CALL = 8
 
