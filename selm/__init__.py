@@ -3,6 +3,7 @@
 Layers, top to bottom; each imports only those below it:
 
     selm/cli.py                         the command line
+    selm/status.py                      `selm status`: what is done in a run, study or training folder
     selm/studies/                       several runs side by side: demo, sweep, report, analyses
     selm/loop.py                        one run: for t in 1..T, the stages in order, done-markers, resume
     selm/stages/                        generate, rank, pair, train, evaluate: files in, files out

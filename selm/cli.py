@@ -394,7 +394,9 @@ def _dispatch(args) -> int:
             print(f"{key} ({tp}, default {default})\n    {doc}")
         return 0
     if args.command == "status":
-        rows = loop.status(args.output_dir)
+        from selm.status import status
+
+        rows = status(args.output_dir)
         width = max(len(r[0]) for r in rows)
         for name, state, detail in rows:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selm import loop
+from selm import loop, status
 from selm.cli import main
 from selm.config import config_from_dict, config_to_dict, load_config, save_config
 from selm.config import ConfigError
@@ -140,7 +140,7 @@ def _done(folder: Path, **info) -> None:
 
 
 def _status(out: Path) -> dict:
-    return {name: (state, detail) for name, state, detail in loop.status(out)}
+    return {name: (state, detail) for name, state, detail in status.status(out)}
 
 
 def test_status_after_a_stage_by_stage_run_is_done(tmp_path):
@@ -148,7 +148,7 @@ def test_status_after_a_stage_by_stage_run_is_done(tmp_path):
     cfg = load_config(TINY)
     save_config(cfg, out / "config.yaml")
     _done(out / "data")
-    for t, stage in loop._stages(cfg):
+    for t, stage in status.run_stages(cfg):
         _done(loop.stage_dir(out, t, stage))
     rows = _status(out)  # no run-level DONE.json: only `selm run` writes one
     assert rows["run"] == ("done", "12/12 stages done")
