@@ -83,7 +83,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
 def implicit_rewards(out: Path) -> Path:
     """Write analysis/implicit_rewards.json (per arm/seed/iteration means, and SELM - DPO)."""
     from selm.models import set_threads
-    from selm.studies.report import _summary
+    from selm.studies.plots import interval_summary
 
     out = Path(out)
     dest = out / "analysis" / "implicit_rewards.json"
@@ -125,7 +125,7 @@ def implicit_rewards(out: Path) -> Path:
                     a, b = per.get(f"selm/{s}/{t}"), per.get(f"dpo/{s}/{t}")
                     if a and b:
                         groups.append([x - y for x, y in zip(a[kind], b[kind])])
-                entry[kind] = _summary(groups, shared.evaluate.bootstrap_samples)
+                entry[kind] = interval_summary(groups, shared.evaluate.bootstrap_samples)
             diff.append(entry)
     atomic_write_json(dest, {
         "description": (f"{len(rows)} held-out pairs: two start-model samples per evaluation prompt, ranked by the "
