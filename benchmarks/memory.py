@@ -59,10 +59,11 @@ def reset_hwm() -> bool:
 
 def child(spec: dict) -> dict:
     import selm.stages.train as tr
+    import selm.training.reference as reference
     from selm.config import load_config
 
     marks: dict[str, float] = {}
-    real_load, real_ref = tr.load_causal_lm, tr.reference_logps
+    real_load, real_ref = tr.load_causal_lm, reference.reference_logps
 
     def load(*a, **k):
         model = real_load(*a, **k)
@@ -76,7 +77,7 @@ def child(spec: dict) -> dict:
         marks["rss_before_train"] = vm_rss()
         return out
 
-    tr.load_causal_lm, tr.reference_logps = load, ref
+    tr.load_causal_lm, reference.reference_logps = load, ref
     cfg = load_config(None, [
         f"train.batch_size={spec['batch_size']}", f"train.layout={spec['layout']}", f"train.bf16={str(spec['bf16']).lower()}",
         f"train.num_threads={spec['threads']}", "train.tensorboard=false", "train.alpha=0.001",

@@ -185,13 +185,15 @@ def worker_selm(spec: dict) -> dict:
     import torch
 
     import selm.stages.train as tr
+    import selm.training.reference as reference
     from selm.config import load_config
     from selm.objective.logprobs import tokenize_pairs
+    from selm.training.engine import Engine
     from selm.data import load_pairs
     from selm.models import load_tokenizer
 
     marks: dict[str, float] = {}
-    real_ref, real_save = tr.reference_logps, tr._save_hf
+    real_ref, real_save = reference.reference_logps, Engine.save_model
 
     def timed_ref(*a, **k):
         t = time.perf_counter()
@@ -204,7 +206,7 @@ def worker_selm(spec: dict) -> dict:
         marks["train_end"] = time.perf_counter()
         return real_save(*a, **k)
 
-    tr.reference_logps, tr._save_hf = timed_ref, timed_save
+    reference.reference_logps, Engine.save_model = timed_ref, timed_save
     cfg = load_config(None, [
         f"train.alpha={spec['alpha']}", "train.beta=0.01", "train.learning_rate=1e-6", "train.epochs=1",
         f"train.batch_size={spec['micro_batch']}", f"train.grad_accum={spec['batch_size'] // spec['micro_batch']}",

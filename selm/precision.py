@@ -61,3 +61,9 @@ def describe(setting: bool | str, device) -> str:
     why = {"cuda": "GPU bf16 support", "cpu": "CPU bf16 instructions"}.get(kind, f"device {kind}")
     have = use_bf16(setting, device)
     return f"train.bf16=auto: {chosen} ({why}: {'yes' if have else 'no'})"
+
+
+def autocast_dtype(setting: bool | str, device) -> torch.dtype | None:
+    """The dtype forwards on `device` autocast to under `train.bf16` (None: the weights' own). What
+    scores log-probs to compare with training's uses it too."""
+    return torch.bfloat16 if use_bf16(setting, device) else None

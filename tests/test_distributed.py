@@ -250,7 +250,7 @@ def test_zero3_stops_on_a_nan_loss_naming_the_step_the_term_and_the_pair(tmp_pat
 
     from selm.config import load_config
     from selm.io import atomic_write_jsonl
-    from selm.stages.train import StepPlan, micro_batches
+    from selm.training.plan import StepPlan, micro_batches
     from test_nonfinite import PAIRS
 
     pairs, out = tmp_path / "pairs.jsonl", tmp_path / "out"

@@ -13,7 +13,8 @@ import selm.stages.train as train_mod
 from selm.cli import main
 from selm.config import load_config
 from selm.io import atomic_write_jsonl
-from selm.stages.train import StepPlan, TrainingDiverged, run_train
+from selm.stages.train import TrainingDiverged, run_train
+from selm.training.plan import StepPlan
 
 from helpers_cli import message_lines
 from test_loop import TINY

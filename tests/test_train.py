@@ -12,7 +12,8 @@ from torch.testing import assert_close
 
 from selm.io import atomic_write_jsonl
 from selm.config import ConfigError, load_config
-from selm.stages.train import StepPlan, lr_lambda, run_train
+from selm.stages.train import run_train
+from selm.training.plan import StepPlan, lr_lambda
 
 PAIRS = [
     {"prompt": "Say something nice.", "chosen": "You are wonderful.", "rejected": "No.", "exploration": "Hello."},
@@ -96,6 +97,7 @@ def test_grad_accumulation_4x2_equals_1x8(tmp_path, pairs_file, tiny_model_dir):
 
 def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_model_dir, monkeypatch):
     import selm.stages.train as tr
+    import selm.training.plan as plan
 
     passes = []
     real = tr.batch_logps
@@ -107,7 +109,7 @@ def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_mode
     run_train(cfg("train.batch_size=8", "train.max_forward_tokens=100"), pairs_file, tiny_model_dir, tmp_path / "b")
     assert len(passes) > 2 and max(passes) <= 100  # every pass within the budget (one pair fits in 100 here)
     # The default, "auto", is a budget on a CPU: the same passes as that budget.
-    monkeypatch.setattr(tr, "AUTO_FORWARD_TOKENS_CPU", 100)
+    monkeypatch.setattr(plan, "AUTO_FORWARD_TOKENS_CPU", 100)
     auto = passes[:]
     passes.clear()
     run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, tmp_path / "c")
@@ -122,7 +124,7 @@ def test_max_forward_tokens_trains_the_same_step(tmp_path, pairs_file, tiny_mode
 
 
 def test_forward_tokens_auto_is_a_budget_on_cpus_only():
-    from selm.stages.train import AUTO_FORWARD_TOKENS_CPU, forward_tokens
+    from selm.training.plan import AUTO_FORWARD_TOKENS_CPU, forward_tokens
 
     assert forward_tokens("auto", "cpu", sharded=False) == AUTO_FORWARD_TOKENS_CPU == 1024
     assert forward_tokens("auto", "cpu", sharded=True) is None  # ZeRO-3/FSDP: every process the same passes
@@ -138,7 +140,7 @@ def test_forward_tokens_auto_is_a_budget_on_cpus_only():
 
 def test_split_by_tokens():
     from selm.objective.logprobs import TokenizedExample
-    from selm.stages.train import split_by_tokens
+    from selm.training.plan import split_by_tokens
 
     ex = [TokenizedExample([1] * p, [[2] * r for r in rs]) for p, rs in
           [(4, [3, 3, 3]), (2, [1, 1, 1]), (10, [5, 6, 7]), (1, [1, 1, 1])]]
@@ -198,7 +200,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, pairs_file, tiny_
 
 
 def test_reference_cache_is_reused_and_keyed(tmp_path, pairs_file, tiny_model_dir, monkeypatch):
-    import selm.stages.train as tr
+    import selm.training.reference as tr
 
     out = tmp_path / "t"
     run_train(cfg("train.batch_size=8"), pairs_file, tiny_model_dir, out)

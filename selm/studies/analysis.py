@@ -69,7 +69,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     """
     from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_pairs
     from selm.models import load_causal_lm, load_tokenizer
-    from selm.stages.train import autocast_dtype
+    from selm.precision import autocast_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(model_path)
@@ -77,7 +77,7 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     ex = tokenize_pairs(tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
                         with_exploration=False)
     return score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train, device))
+                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train.bf16, device))
 
 
 def implicit_rewards(out: Path) -> Path:
