@@ -43,7 +43,8 @@ def run_stages(cfg: Config) -> list[tuple[int, str]]:
 
 def _is_training_folder(out: Path) -> bool:
     """A standalone `selm train --output-dir` folder: training files and no run layout."""
-    from selm.stages.train import CHECKPOINT, METRICS, PARTIAL
+    from selm.training.engine import CHECKPOINT
+    from selm.training.metrics import METRICS, PARTIAL
 
     if (out / "data").exists() or any(out.glob("iter_*")):
         return False
@@ -92,7 +93,8 @@ def _state(sd: Path) -> tuple[str, str]:
 
 def _training_progress(sd: Path) -> str:
     """"step 5/8 logged, checkpoint at step 4; a re-run resumes there" for a training folder."""
-    from selm.stages.train import CHECKPOINT, PARTIAL
+    from selm.training.engine import CHECKPOINT
+    from selm.training.metrics import PARTIAL
 
     parts = []
     metrics = sd / PARTIAL

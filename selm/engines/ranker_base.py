@@ -81,3 +81,61 @@ def chat_client(cfg: RankConfig, key: str, backoff_s: float):
                           extra_body=cfg.extra_body)
     except ChatError as e:
         raise RankerError(str(e)) from None
+
+
+def score_in_chunks(ranker: Ranker, prompts: list[Messages], candidates: list[list[str]],
+                    ids: Sequence[Any] | None = None, *, chunk_size: int, on_error: str | None = None,
+                    progress: str | None = None) -> list[list[float] | str]:
+    """Every prompt's scores, in input order: the prompts are cut into chunks of `chunk_size` (one
+    `ranker.score` call each), each process scores every world-th chunk, and the results are merged
+    back in order on every process, so they are the single-process ones.
+
+    on_error None: a RankerError propagates as it is. "fail" or "skip" (needs `ids`): a failed chunk
+    is scored again one prompt at a time, so the error is pinned on the right prompt_id and the others
+    still get scored; "fail" then raises it, "skip" puts its one-line reason (a str) in that prompt's
+    place. `progress` labels a progress bar (main process only).
+    """
+    from tqdm.auto import tqdm
+
+    from selm import dist
+
+    starts = list(range(0, len(prompts), chunk_size))
+    mine = dist.shard(starts)
+    results: dict[int, list] = {}
+    with tqdm(total=sum(len(prompts[s:s + chunk_size]) for s in mine), desc=progress, unit="prompt",
+              disable=progress is None or not dist.is_main()) as bar:
+        for s in mine:
+            chunk = range(s, min(s + chunk_size, len(prompts)))
+            results[s] = _score_chunk(ranker, prompts, candidates, ids, chunk, on_error)
+            bar.update(len(chunk))
+    results = dist.merged(results)
+    return [r for s in starts for r in results[s]]
+
+
+def _score_chunk(ranker: Ranker, prompts, candidates, ids, chunk: range, on_error: str | None) -> list[list[float] | str]:
+    """One call for the chunk; if it fails (and on_error is set), each prompt again alone."""
+    chunk_ids = [ids[i] for i in chunk] if ids is not None else None
+    try:
+        return ranker.score([prompts[i] for i in chunk], [candidates[i] for i in chunk], ids=chunk_ids)
+    except RankerError as e:
+        if on_error is None:
+            raise
+        if len(chunk) == 1:
+            return [_failed(ids[chunk[0]], e, on_error)]
+    out: list[list[float] | str] = []
+    for i in chunk:
+        try:
+            out.append(ranker.score([prompts[i]], [candidates[i]], ids=[ids[i]])[0])
+        except RankerError as e:
+            out.append(_failed(ids[i], e, on_error))
+    return out
+
+
+def _failed(prompt_id: Any, error: RankerError, on_error: str) -> str:
+    """Raise (on_error "fail") or return the reason a prompt is skipped; both name the prompt_id."""
+    msg = str(error)
+    if repr(prompt_id) not in msg:
+        msg = f"{msg} (prompt_id {prompt_id!r})"
+    if on_error == "fail":
+        raise RankerError(msg) from error
+    return msg

@@ -20,7 +20,7 @@ HELDOUT_PROMPTS = 48
 
 
 def heldout_pairs(out: Path) -> Path:
-    from selm.stages.evaluate import score_responses
+    from selm.stages.evaluate import gold_scores
     from selm.engines.generation import generate
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
@@ -48,7 +48,7 @@ def heldout_pairs(out: Path) -> Path:
     del model
     rows = []
     flat_prompts = [p["prompt"] for p in prompts for _ in range(2)]
-    gold = score_responses(cfg, flat_prompts, [s for pair in samples for s in pair])
+    gold = gold_scores(cfg, flat_prompts, [s for pair in samples for s in pair])
     for i, (p, (a, b)) in enumerate(zip(prompts, samples)):
         ga, gb = gold[2 * i], gold[2 * i + 1]
         if ga == gb:
