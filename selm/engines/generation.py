@@ -30,6 +30,7 @@ import torch
 
 from selm import dist
 from selm.chat import Messages, decode_response, end_of_turn_ids
+from selm.config import Config
 from selm.engines.sampling import Generator, Sample, SamplingParams, encode_for_generation, stream_keys, uniforms
 
 
@@ -294,6 +295,15 @@ def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_r
     if device is None:
         device = default_device()
     return HFGenerator(model.to(device), tokenizer, batch_size)
+
+
+def generator_from_config(cfg: Config, model_path: str | Path, *, batch_size: int) -> Generator:
+    """The generate section's backend and engine settings over `model_path`, with the caller's batch
+    size (the generate stage, evaluate and mtbench each have their own)."""
+    g = cfg.generate
+    return build_generator(g.backend, model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                           batch_size=batch_size, tensor_parallel_size=g.tensor_parallel_size,
+                           gpu_memory_utilization=g.vllm_gpu_memory_utilization, enforce_eager=g.vllm_enforce_eager)
 
 
 def generate_samples(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,

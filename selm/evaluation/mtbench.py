@@ -175,10 +175,7 @@ def generate_answers(cfg: Config, model_path: Path, questions: list[Question]) -
 
     m, g = cfg.mtbench, cfg.generate
     set_threads(g.num_threads)
-    generator = generation.build_generator(
-        g.backend, model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-        batch_size=m.batch_size, tensor_parallel_size=g.tensor_parallel_size,
-        gpu_memory_utilization=g.vllm_gpu_memory_utilization, enforce_eager=g.vllm_enforce_eager)
+    generator = generation.generator_from_config(cfg, model_path, batch_size=m.batch_size)
     greedy = m.temperature == 0
 
     def ask(conversations: list[list[dict]], turn: int) -> list:

@@ -40,7 +40,7 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.engines.generation import build_generator
+    from selm.engines.generation import generator_from_config
     from selm.engines.sampling import SamplingParams
     from selm.models import load_tokenizer, set_threads
 
@@ -50,11 +50,7 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     # The generate stage's backend (and its engine settings); evaluate's own batch size and limits.
-    generator = build_generator(gc.backend, model_path, dtype=cfg.model.dtype,
-                                trust_remote_code=cfg.model.trust_remote_code, batch_size=ev.batch_size,
-                                tensor_parallel_size=gc.tensor_parallel_size,
-                                gpu_memory_utilization=gc.vllm_gpu_memory_utilization,
-                                enforce_eager=gc.vllm_enforce_eager)
+    generator = generator_from_config(cfg, model_path, batch_size=ev.batch_size)
     greedy = ev.temperature == 0
     params = SamplingParams(num_samples=0 if greedy else 1, temperature=ev.temperature, top_p=1.0,
                             max_new_tokens=ev.max_new_tokens, include_greedy=greedy, seed=seed)

@@ -75,7 +75,7 @@ def candidates_of(row: dict, samples: list, y0, y0_source: str, cfg) -> tuple[li
 
 def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *, seed: int) -> dict:
     """Run the stage; returns the stats and timing (as written to DONE.json)."""
-    from selm.engines.generation import build_generator
+    from selm.engines.generation import generator_from_config
     from selm.engines.sampling import SamplingParams
     from selm.models import set_threads
 
@@ -83,11 +83,7 @@ def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     t_start = time.perf_counter()
     set_threads(gc.num_threads)  # see GenerateConfig.num_threads and the README's "Threads"
     rows = read_prompt_rows(Path(prompts_path))
-    generator = build_generator(gc.backend, model_path, dtype=cfg.model.dtype,
-                                trust_remote_code=cfg.model.trust_remote_code, batch_size=gc.batch_size,
-                                tensor_parallel_size=gc.tensor_parallel_size,
-                                gpu_memory_utilization=gc.vllm_gpu_memory_utilization,
-                                enforce_eager=gc.vllm_enforce_eager)
+    generator = generator_from_config(cfg, model_path, batch_size=gc.batch_size)
 
     k = gc.num_samples
     explore_sample = gc.exploration == "sample"
