@@ -67,17 +67,11 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     Scored as training scores its reference (same scoring path, layout, precision and device: CUDA
     when there is one), so these log-probs match the ones training used.
     """
-    from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_pairs
-    from selm.models import load_causal_lm, load_tokenizer
-    from selm.precision import autocast_dtype
+    from selm.objective.logprobs import model_logps, tokenize_pairs
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype).to(device)
-    ex = tokenize_pairs(tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
-                        with_exploration=False)
-    return score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train.bf16, device))
+    return model_logps(model_path, cfg, lambda tok: tokenize_pairs(
+        tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
+        with_exploration=False), train_precision=True)[0]
 
 
 def implicit_rewards(out: Path) -> Path:

@@ -146,17 +146,10 @@ def score_responses(model_path: Path, items: list[tuple], cfg) -> tuple[list[flo
     token count, scored as training scores its reference (tokenisation, truncation, layout) but in
     the weights' own precision (model.dtype), without train.bf16's autocast: small log-ratios want
     the precision, and bf16 autocast ran 6x slower on a CPU without bf16 units (docs/method.md)."""
-    import torch
+    from selm.objective.logprobs import model_logps, tokenize_responses
 
-    from selm.models import load_causal_lm, load_tokenizer
-    from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_responses
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
-    ex = tokenize_responses(tok, items, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length)
-    lp = score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                     pad_id=tok.pad_token_id, device=device)
+    lp, ex = model_logps(model_path, cfg, lambda tok: tokenize_responses(
+        tok, items, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length), train_precision=False)
     return lp["chosen"].tolist(), [len(e.responses[0]) for e in ex]
 
 
