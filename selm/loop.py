@@ -25,10 +25,7 @@ from selm import dist
 from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
 from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
                      mark_done, read_json)
-
-
-def stage_dir(out: Path, t: int, stage: str) -> Path:
-    return Path(out) / f"iter_{t}" / stage
+from selm.layout import model_dir, stage_dir
 
 
 def preflight(cfg: Config, out: Path | None = None) -> None:
@@ -114,7 +111,7 @@ def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
     prev = stage_dir(out, t - 1, "train")
     if not is_done(prev):
         raise InputError(f"{prev}: not finished; iteration {t} starts from iteration {t - 1}'s model")
-    return prev / "model"
+    return model_dir(out, t - 1)
 
 
 def prepare_data(cfg: Config, out: Path) -> Path:
@@ -267,7 +264,7 @@ def _evaluate(cfg: Config, out: Path, t: int) -> dict:
             train = stage_dir(out, t, "train")
             if not is_done(train):
                 raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
-            model = train / "model"
+            model = model_dir(out, t)
             baselines = {"start": _evaluated(cfg, out, 0)}
             if t > 1:
                 baselines["previous"] = _evaluated(cfg, out, t - 1)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from selm.config import Config, config_from_dict, load_yaml
 from selm.io import DONE_MARKER, FAILED_MARKER, InputError, is_done, read_json
-from selm.loop import STAGES, stage_dir
+from selm.layout import ITERATION_GLOB, stage_dir, study_run
+from selm.loop import STAGES
 from selm.studies.study import Arm, arm_config
 
 
@@ -46,7 +47,7 @@ def _is_training_folder(out: Path) -> bool:
     from selm.training.engine import CHECKPOINT
     from selm.training.metrics import METRICS, PARTIAL
 
-    if (out / "data").exists() or any(out.glob("iter_*")):
+    if (out / "data").exists() or any(out.glob(ITERATION_GLOB)):
         return False
     return any((out / name).exists() for name in ("model", METRICS, PARTIAL, CHECKPOINT))
 
@@ -57,7 +58,7 @@ def _study_status(out: Path) -> list[tuple[str, str, str]]:
     rows = []
     for arm in study["arms"]:
         for seed in study["seeds"]:
-            run = out / arm["name"] / f"seed_{seed}"
+            run = study_run(out, arm["name"], seed)
             stages = [("data", run / "data")] + [(f"iter_{t}/{s}", stage_dir(run, t, s))
                                                  for t, s in run_stages(arm_config(study["base"], Arm(**arm), seed))]
             states = [(name, _state(d)[0]) for name, d in stages]

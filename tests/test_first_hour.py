@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selm import loop, status
+from selm import layout, loop, status
 from selm.cli import main
 from selm.config import config_from_dict, config_to_dict, load_config, save_config
 from selm.config import ConfigError
@@ -149,7 +149,7 @@ def test_status_after_a_stage_by_stage_run_is_done(tmp_path):
     save_config(cfg, out / "config.yaml")
     _done(out / "data")
     for t, stage in status.run_stages(cfg):
-        _done(loop.stage_dir(out, t, stage))
+        _done(layout.stage_dir(out, t, stage))
     rows = _status(out)  # no run-level DONE.json: only `selm run` writes one
     assert rows["run"] == ("done", "12/12 stages done")
 

@@ -30,6 +30,7 @@ from typing import Any
 from selm.config import Config, ModelConfig
 from selm.io import (InputError, atomic_write_json, atomic_write_jsonl, ensure_stage, iter_jsonl, mark_done,
                      read_json, read_jsonl, sha256_file, sha256_json)
+from selm.layout import ITERATION_GLOB
 from selm.stats import grouped_bootstrap_ci, mean
 
 PACKAGED_QUESTIONS = Path(__file__).resolve().parent.parent / "data" / "mtbench_questions.jsonl"
@@ -128,7 +129,7 @@ def resolve_model(spec: str, cfg: Config) -> tuple[Path, str, Path]:
             return path, path.resolve().name if path.name != "model" else _label(path), path
         if (path / "model" / "config.json").is_file():
             return path / "model", _label(path / "model"), path
-        trained = sorted((d for d in path.glob("iter_*/train") if (d / "DONE.json").is_file()),
+        trained = sorted((d for d in path.glob(f"{ITERATION_GLOB}/train") if (d / "DONE.json").is_file()),
                          key=lambda d: int(d.parent.name.split("_")[1]) if d.parent.name[5:].isdigit() else -1)
         if not trained:
             raise InputError(f"model: {spec}: not a model folder (no config.json) nor a run folder with a finished "

@@ -14,6 +14,7 @@ import torch
 
 from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_jsonl
+from selm.layout import model_dir, study_run
 from selm.studies.study import arm_config, arm_configs, Arm, load_study
 
 HELDOUT_PROMPTS = 48
@@ -30,7 +31,7 @@ def heldout_pairs(out: Path) -> Path:
         return d / "heldout" / "pairs.jsonl"
     first = Arm(**study["arms"][0])
     seed = study["seeds"][0]
-    run = Path(out) / first.name / f"seed_{seed}"
+    run = study_run(out, first.name, seed)
     cfg = arm_config(study["base"], first, seed)
     from selm.loop import start_model_path
 
@@ -96,7 +97,7 @@ def implicit_rewards(out: Path) -> Path:
         for s in study["seeds"]:
             cfg = arm_config(study["base"], arm, s)
             set_threads(cfg.generate.num_threads)
-            run = out / arm.name / f"seed_{s}"
+            run = study_run(out, arm.name, s)
             from selm.loop import start_model_path
 
             sp = start_model_path(cfg, run)
@@ -104,7 +105,7 @@ def implicit_rewards(out: Path) -> Path:
                 start_cache[str(sp)] = _logps(sp, pairs, cfg)
             ref = start_cache[str(sp)]
             for t in range(1, T + 1):
-                m = run / f"iter_{t}" / "train" / "model"
+                m = model_dir(run, t)
                 if not m.is_dir():
                     continue
                 lp = _logps(m, pairs, cfg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selm.io import DONE_MARKER, atomic_write_json, read_json, read_jsonl, sha256_json
+from selm.layout import model_dir, stage_dir
 from selm.stats import mean, outcomes
 
 VERSION = 1  # bump when a statistic changes: cached results are then recomputed
@@ -114,7 +115,7 @@ def per_prompt_ratios(model: list[float], ref: list[float], tokens: list[int], p
 
 
 def _generations(run: Path, t: int) -> list[dict] | None:
-    d = run / f"iter_{t}" / "generate"
+    d = stage_dir(run, t, "generate")
     return read_jsonl(d / "generations.jsonl") if (d / DONE_MARKER).is_file() else None
 
 
@@ -157,8 +158,8 @@ def _models(run: Path, cfg, T: int) -> dict[int, Path]:
     """Model index -> folder: every finished iterate, and the start model (0) when there is one."""
     from selm.io import is_done
 
-    models = {t: run / f"iter_{t}" / "train" / "model" for t in range(1, T + 1)
-              if is_done(run / f"iter_{t}" / "train") and (run / f"iter_{t}" / "train" / "model").is_dir()}
+    models = {t: model_dir(run, t) for t in range(1, T + 1)
+              if is_done(stage_dir(run, t, "train")) and (model_dir(run, t)).is_dir()}
     if models:
         from selm.loop import start_model_path
 
@@ -218,8 +219,8 @@ def diversity(rows: list[dict], cap: int) -> dict:
 
 def _best_scores(run: Path, t: int) -> dict[str, list[float]] | None:
     """prompt_id -> training-ranker scores of the model's own candidates (the dataset's left out)."""
-    p = run / f"iter_{t}" / "rank" / "scores.jsonl"
-    if not (run / f"iter_{t}" / "rank" / DONE_MARKER).is_file():
+    p = stage_dir(run, t, "rank") / "scores.jsonl"
+    if not (stage_dir(run, t, "rank") / DONE_MARKER).is_file():
         return None
     out = {}
     for r in read_jsonl(p):
@@ -243,7 +244,7 @@ def coverage(run: Path, t: int) -> dict | None:
     first = _best_scores(run, 1) if t > 1 else None
     if first:
         out["beats_start_best"], out["beats_kind"] = beats_start(best, {pid: max(v) for pid, v in first.items()})
-    pairs = run / f"iter_{t}" / "pair"
+    pairs = stage_dir(run, t, "pair")
     out["margin"] = ([p["score_chosen"] - p["score_rejected"] for p in read_jsonl(pairs / "pairs.jsonl")]
                      if (pairs / DONE_MARKER).is_file() else [])
     return out
@@ -257,10 +258,10 @@ def _key(run: Path, cfg, cap: int) -> str:
     stages = {}
     for t in range(1, cfg.loop.iterations + 1):
         for s in ("generate", "rank", "pair", "train"):
-            m = run / f"iter_{t}" / s / DONE_MARKER
+            m = stage_dir(run, t, s) / DONE_MARKER
             stages[f"{t}/{s}"] = m.read_text(encoding="utf-8") if m.is_file() else None
             if s == "train":
-                stages[f"{t}/model"] = (run / f"iter_{t}" / s / "model").is_dir()
+                stages[f"{t}/model"] = (stage_dir(run, t, s) / "model").is_dir()
     tc = cfg.train
     return sha256_json({"version": VERSION, "stages": stages, "model": config_to_dict(cfg)["model"], "seed": cfg.seed,
                         "cap": cap, "scoring": [tc.max_length, tc.max_prompt_length, tc.layout]})

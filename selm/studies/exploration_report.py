@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selm.layout import study_run
 from selm.stats import mean
 from selm.studies.exploration import DISTANCES, quantile, run_exploration
 from selm.studies.plots import errorbars, figure_saver, format_interval, interval_summary, pyplot
@@ -219,7 +220,7 @@ def study_section(out: Path, data: dict, prompts: int | None = None) -> list[str
         runs = []
         for s in study["seeds"]:
             cfg = arm_config(study["base"], Arm(**a), s)
-            run = Path(out) / a["name"] / f"seed_{s}"
+            run = study_run(out, a["name"], s)
             if (run / "config.yaml").is_file():
                 runs.append(run_exploration(run, cfg, prompts))
         per_arm[a["name"]] = summarize(runs, cfg.evaluate.bootstrap_samples)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from selm.io import is_done
+from selm.layout import stage_dir
 
 POLL_S = 2.0
 PARENT_POLL_S = 1.0
@@ -38,7 +39,7 @@ def done_stages(runs: list[tuple[Path, int]]) -> int:
     n = 0
     for run, T in runs:
         n += is_done(run / "iter_0" / "evaluate")
-        n += sum(is_done(run / f"iter_{t}" / s) for t in range(1, T + 1)
+        n += sum(is_done(stage_dir(run, t, s)) for t in range(1, T + 1)
                  for s in ("generate", "rank", "pair", "train", "evaluate"))
     return n
 

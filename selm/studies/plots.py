@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selm.layout import stage_dir
 from selm.stats import hierarchical_ci, mean
 
 
@@ -21,7 +22,7 @@ def interval_summary(groups: list[list[float]], samples: int) -> dict:
 def read_training_curves(run: Path, T: int) -> list[dict]:
     pts, offset = [], 0
     for t in range(1, T + 1):
-        p = run / f"iter_{t}" / "train" / "metrics.jsonl"
+        p = stage_dir(run, t, "train") / "metrics.jsonl"
         if not p.is_file():
             break
         rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from selm.io import atomic_write_text, read_json
+from selm.layout import model_dir, study_run
 from selm.stats import head_to_head
 from selm.studies.findings import alpha_differences, eval_rows, findings, findings_lines, sweep_headline
 from selm.studies.plots import (CURVE_TITLES, errorbars, figure_saver, format_interval, interval_summary, legend, pyplot,
@@ -36,7 +37,7 @@ def collect(out: Path) -> dict:
         for t in range(0, T + 1):
             wins, golds, lengths, cut = [], [], [], []
             for s in seeds:
-                run = out / arm / f"seed_{s}"
+                run = study_run(out, arm, s)
                 cur, start = eval_rows(run, t), eval_rows(run, 0)
                 if cur is None or start is None:
                     continue
@@ -50,16 +51,16 @@ def collect(out: Path) -> dict:
             rows["length"].append(interval_summary(lengths, samples))
             rows["cut_off"].append(interval_summary(cut, samples))
             rows["gold_all"].append([g for grp in golds for g in grp])
-        rows["curves"] = read_training_curves(out / arm / f"seed_{seeds[0]}", T)
+        rows["curves"] = read_training_curves(study_run(out, arm, seeds[0]), T)
         per_arm[arm] = rows
     data["per_arm"] = per_arm
-    data["setup"] = setup(shared, out / arms[0] / f"seed_{seeds[0]}")
+    data["setup"] = setup(shared, study_run(out, arms[0], seeds[0]))
     if "selm" in arms and "dpo" in arms:
         h2h = []
         for t in range(1, T + 1):
             groups = []
             for s in seeds:
-                a, b = eval_rows(out / "selm" / f"seed_{s}", t), eval_rows(out / "dpo" / f"seed_{s}", t)
+                a, b = eval_rows(study_run(out, "selm", s), t), eval_rows(study_run(out, "dpo", s), t)
                 if a and b:
                     ids = sorted(a)
                     groups.append(head_to_head(a, b, ids))
@@ -78,7 +79,7 @@ def _parameters(run: Path) -> int | None:
     """Parameters of the run's model, read from the shapes in iteration 1's safetensors (no loading)."""
     from safetensors import safe_open
 
-    files = sorted((run / "iter_1" / "train" / "model").glob("*.safetensors"))
+    files = sorted(model_dir(run, 1).glob("*.safetensors"))
     total = 0
     for f in files:
         with safe_open(str(f), "pt") as st:
@@ -133,9 +134,9 @@ def _setup_lines(su: dict) -> list[str]:
 
 
 def _examples(out: Path, seed: int, T: int, n: int = 3) -> list[dict]:
-    start = eval_rows(out / "selm" / f"seed_{seed}", 0)
-    a = eval_rows(out / "selm" / f"seed_{seed}", T)
-    b = eval_rows(out / "dpo" / f"seed_{seed}", T)
+    start = eval_rows(study_run(out, "selm", seed), 0)
+    a = eval_rows(study_run(out, "selm", seed), T)
+    b = eval_rows(study_run(out, "dpo", seed), T)
     if not (start and a and b):
         return []
     ids = sorted(start)[:n]

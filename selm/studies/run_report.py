@@ -12,6 +12,7 @@ from pathlib import Path
 
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
+from selm.layout import stage_dir
 from selm.stats import head_to_head
 from selm.studies.exploration_report import run_section
 from selm.studies.findings import eval_rows
@@ -30,7 +31,7 @@ def collect_run(out: Path) -> dict:
     for t in range(0, T + 1):
         cur, prev = eval_rows(out, t), eval_rows(out, t - 1) if t > 0 else None
         row: dict = {"iteration": t, "evaluated": cur is not None}
-        pair = out / f"iter_{t}" / "pair" / DONE_MARKER
+        pair = stage_dir(out, t, "pair") / DONE_MARKER
         row["pairs"] = read_json(pair).get("pairs") if pair.is_file() else None
         ids = sorted(cur) if cur else []
         group = lambda vals: interval_summary([vals] if vals else [], samples)  # noqa: E731 - one seed: one group
