@@ -314,8 +314,8 @@ class TrainConfig:
     """Split each micro-batch into forward passes of at most this many tokens (rows x padded length;
     at least one pair each), accumulating gradients: the same step up to float summation order, with
     the activations of one pass alive at a time. null: one pass per micro-batch. "auto": 1024 on a
-    CPU (its matmuls already run at full rate there: faster, and about 40 % less peak memory at the
-    demo's settings), null on GPUs. Not under ZeRO-3/FSDP (their processes must run the same passes;
+    CPU (its matmuls already run at full rate there: faster and a lower peak; BENCHMARKS.md, "Memory",
+    has the figures), null on GPUs. Not under ZeRO-3/FSDP (their processes must run the same passes;
     "auto" is null there)."""
     max_length: int = 1024
     """Longest prompt + response, in tokens; responses are cut at the end to fit."""
@@ -349,8 +349,8 @@ class TrainConfig:
     exploration responses (a block mask; faster); "padded" runs one padded row per sequence."""
     segment_attention: bool = True
     """Prefix layout on a CPU: compute only the attention blocks the block mask allows (the prompt
-    over itself, each response over the prompt and itself): 1.6-2.6x faster attention than masked
-    SDPA over whole rows (BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
+    over itself, each response over the prompt and itself): faster attention than masked SDPA over
+    whole rows (the figures are in BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
     VM for small models (see README)."""

@@ -146,7 +146,8 @@ def score_responses(model_path: Path, items: list[tuple], cfg) -> tuple[list[flo
     """Summed log-probs of each (prompt, response, finished) under the model, and each response's
     token count, scored as training scores its reference (tokenisation, truncation, layout) but in
     the weights' own precision (model.dtype), without train.bf16's autocast: small log-ratios want
-    the precision, and bf16 autocast ran 6x slower on a CPU without bf16 units (docs/method.md)."""
+    the precision, and bf16 autocast runs many times slower on a CPU without bf16 units (BENCHMARKS.md,
+    "bf16 on a CPU without bf16 instructions")."""
     from selm.objective.logprobs import model_logps, tokenize_responses
 
     lp, ex = model_logps(model_path, cfg, lambda tok: tokenize_responses(
