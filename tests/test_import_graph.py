@@ -27,10 +27,6 @@ LAYERS = [
     ("selm.cli",),
 ]
 
-# Edges that close a circle and are being removed elsewhere; each names who removes it.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
-
-
 def _modules() -> dict[str, Path]:
     mods = {}
     for path in SELM.rglob("*.py"):
@@ -66,9 +62,8 @@ def _graph() -> dict[str, set[str]]:
     graph = {m: set() for m in mods}
     for m, path in mods.items():
         for target, _, _ in _imports(m, path, mods):
-            # `import selm.a.b` also runs selm/__init__.py and selm/a/__init__.py; those hold no
-            # imports, so the edge to the package itself adds nothing and is left out.
-            if target in mods and target != m and (m, target) not in KNOWN_CYCLE_EDGES and target != "selm":
+            # `from selm import __version__` reaches selm/__init__.py, which imports nothing: left out.
+            if target in mods and target != m and target != "selm":
                 graph[m].add(target)
     return graph
 
