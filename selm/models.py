@@ -83,7 +83,7 @@ def packaged_gguf(package: str, gguf_file: str | None = None) -> Path:
 
 
 def _content_key(gguf: Path) -> str:
-    """sha256 of the GGUF file's bytes (a fraction of a second for the demo's file; README, "The demo"):
+    """sha256 of the GGUF file's bytes (a fraction of a second for the demo's file; docs/demo.md):
     the same file in another virtual environment or clone, or re-installed with a new mtime, finds the
     same conversion."""
     from selm.io import sha256_file
@@ -235,7 +235,7 @@ def default_device():
 
 def set_threads(num_threads: int | None) -> None:
     """Set torch's CPU thread count (None leaves torch's default). On small CPU workloads OpenMP
-    spin-waiting across threads costs far more than it gains (see README, "Threads")."""
+    spin-waiting across threads costs far more than it gains (see docs/performance.md, "Threads")."""
     if num_threads is None:
         return
     import torch

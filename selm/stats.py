@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Mapping, Sequence
 
@@ -102,3 +103,66 @@ def sd(xs: Sequence[float]) -> float:
     """Population standard deviation."""
     m = mean(xs)
     return (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5 if xs else float("nan")
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))) / a
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` degrees of freedom (bisection on t_cdf; scipy is not a
+    dependency)."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0 (got p={p}, df={df})")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2
+
+
+def seed_t_interval(per_seed: Sequence[float], level: float = 0.95) -> tuple[float, float] | tuple[None, None]:
+    """t-interval of the mean of per-seed values, with seeds - 1 degrees of freedom: the seed is the
+    unit that varies from run to run, so the interval widens with few seeds instead of shrinking
+    (a bootstrap that resamples 2 seeds cannot see their spread). (None, None) with fewer than 2 seeds:
+    one run says nothing about how much another would differ."""
+    n = len(per_seed)
+    if n < 2:
+        return (None, None)
+    m = mean(per_seed)
+    s = (sum((x - m) ** 2 for x in per_seed) / (n - 1)) ** 0.5
+    half = t_quantile((1 + level) / 2, n - 1) * s / n ** 0.5
+    return (m - half, m + half)

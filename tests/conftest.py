@@ -1,5 +1,5 @@
 """Test settings: offline, one CPU thread (OpenMP spin-waiting makes small ops far slower with 2
-threads on a busy machine; see the README's "Threads"), and shared tiny-model fixtures built locally."""
+threads on a busy machine; see docs/performance.md, "Threads"), and shared tiny-model fixtures built locally."""
 
 import os
 

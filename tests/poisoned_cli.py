@@ -1,7 +1,10 @@
 """`selm` with one NaN injected into training, for launcher tests (accelerate, torchrun) where a
 test cannot monkeypatch the ranks: `python -m poisoned_cli TERM ARGS...` (tests/ on PYTHONPATH) runs
-`selm ARGS` with loss/TERM of the second example of the main rank's second micro-batch set to NaN."""
+`selm ARGS` with loss/TERM of the second example of the main rank's second micro-batch set to NaN.
+POISON_RANK=R poisons rank R's instead; POISON_DETACHED=1 poisons the reported value only, not the
+loss the gradient comes from, so that rank alone sees it (the other ranks' gradients stay finite)."""
 
+import os
 import sys
 
 import selm.stages.train as train_mod
@@ -17,11 +20,12 @@ def poison(term: str) -> None:
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 2 and dist.is_main():
+        if len(calls) == 2 and dist.rank() == int(os.environ.get("POISON_RANK", "0")):
             key = KEYS[term]
-            out[key] = out[key].clone()
+            out[key] = out[key].detach().clone() if os.environ.get("POISON_DETACHED") == "1" else out[key].clone()
             out[key][1] = float("nan")
-            out["loss"] = out["loss_pair"] + out["loss_explore"]
+            if os.environ.get("POISON_DETACHED") != "1":
+                out["loss"] = out["loss_pair"] + out["loss_explore"]
         return out
 
     train_mod.preference_objective = poisoned

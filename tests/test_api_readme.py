@@ -1,15 +1,16 @@
-"""The README's "Python API" snippet, exactly as printed there, runs on the tiny config and does
-what its comments say; the model folder it writes is a plain Hugging Face folder."""
+"""The "Python API" snippet of docs/configuration.md, exactly as printed there, runs on the tiny
+config and does what its comments say; the model folder it writes is a plain Hugging Face folder."""
 
 import re
 import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "configuration.md"
 
 
 def _snippet() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = DOC.read_text()
     section = text.split("## Python API", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -22,7 +23,7 @@ def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
     shutil.copy(ROOT / "selm" / "data" / "tiny_prompts.jsonl", tmp_path / "selm" / "data" / "tiny_prompts.jsonl")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(_snippet(), "README.md", "exec"), scope)
+    exec(compile(_snippet(), str(DOC), "exec"), scope)
 
     summary, cfg = scope["summary"], scope["cfg"]
     assert [r["iteration"] for r in summary["iterations"]] == [0, 1]

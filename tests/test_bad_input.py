@@ -199,7 +199,7 @@ def test_a_tokenizer_without_chat_template_uses_the_documented_fallback(tmp_path
     tok = load_tokenizer(plain)
     assert not has_chat_template(tok)
     msgs = [{"role": "user", "content": "Hi?"}]
-    assert prompt_text(tok, msgs) == "User: Hi?\n\nAssistant:"  # README, "Data formats"
+    assert prompt_text(tok, msgs) == "User: Hi?\n\nAssistant:"  # docs/configuration.md, "Data formats"
     assert response_suffix_text(tok, msgs, "Yes.") == " Yes." + tok.eos_token
     _, argv = _train(tmp_path, jsonl(PAIR, PAIR))
     assert main([str(a) for a in argv + ["--model", plain, "--batch-size", "2"]]) == 0

@@ -65,6 +65,25 @@ def test_report_numbers_come_from_the_runs(demo):
     assert cut == pytest.approx(sum(not r["finished"] for r in rows) / len(rows))
 
 
+def test_the_demo_headline_reads_the_t_interval_over_its_seeds(demo):
+    from selm.stats import seed_t_interval
+
+    out, report = demo
+    per_seed = []
+    for s in (0, 1):
+        a, b = _gold(out / "selm" / f"seed_{s}", 2), _gold(out / "dpo" / f"seed_{s}", 2)
+        o = outcomes([a[i] for i in sorted(a)], [b[i] for i in sorted(a)])
+        per_seed.append(sum(o) / len(o))
+    h = json.loads((out / "report.json").read_text())["head_to_head"][1]
+    assert h["per_seed"] == pytest.approx(per_seed)
+    lo, hi = seed_t_interval(per_seed)
+    assert h["seed_ci95"] == pytest.approx([lo, hi])
+    expected = ("SELM beat iterative DPO" if lo > 0.5 else "iterative DPO beat SELM" if hi < 0.5
+                else "no clear difference between SELM and iterative DPO at this size")
+    headline = report.read_text().splitlines()[2]
+    assert headline.startswith(f"**At iteration 2: {expected}") and f"95% t-interval over seeds [{lo * 100:.1f}," in headline
+
+
 def test_arms_share_only_training_independent_stages(demo):
     out, _ = demo
     for s in (0, 1):
@@ -95,6 +114,8 @@ def test_alpha_sweep_report(tmp_path):
                        overrides=["loop.iterations=1"])
     text = report.read_text()
     assert "## Alpha sweep" in text and (tmp_path / "sweep" / "plots" / "alpha_sweep.png").is_file()
+    # One seed: the sweep's headline names no alpha as different, and says why.
+    assert "No verdict on alpha: with one seed there is no interval over seeds" in text.splitlines()[2]
     for a in ("| 0 |", "| 0.01 |", "| 0.1 |", "| 1 |"):
         assert a in text
     assert "### Alpha vs exploration (iteration 1)" in text
@@ -134,3 +155,52 @@ def test_report_states_model_size_source_task_ranker_and_gold_judge(demo):
     assert "- Task: prompts from `tiny_prompts.jsonl` (12 per iteration), evaluated on 8 held-out prompts" in text
     assert ("- Training ranker: callable `selm.toy_judges:letters_ranker`. Gold judge (evaluation only): callable "
             "`selm.toy_judges:vowels_gold`.") in text
+
+
+def test_the_report_shows_where_the_time_went(demo):
+    from selm.studies.run_report import build_run_report
+
+    out, report = demo
+    cost = json.loads((out / "report.json").read_text())["cost"]
+    row = {(r["iteration"], r["stage"]): r for r in cost}
+    done = lambda arm, s, t, stage: json.loads((out / arm / f"seed_{s}" / f"iter_{t}" / stage / "DONE.json").read_text())  # noqa: E731
+    # Training is per arm and seed: all four runs count.
+    train = row[(2, "train")]
+    assert train["runs"] == 4
+    assert train["seconds"] == pytest.approx(sum(done(a, s, 2, "train")["seconds"] for a in ("selm", "dpo") for s in (0, 1)))
+    assert train["tokens_per_s"] > 0
+    # Iteration 1's generation is copied from the seed's first arm: counted once per seed.
+    gen = row[(1, "generate")]
+    g = [done("selm", s, 1, "generate") for s in (0, 1)]
+    assert gen["runs"] == 2 and gen["seconds"] == pytest.approx(sum(d["seconds"] for d in g))
+    assert gen["generated"] == sum(round(d["responses"] * d["response_tokens_mean"]) for d in g) > 0
+    assert gen["tokens_per_s"] == pytest.approx(gen["generated"] / gen["seconds"])
+    ev = row[(2, "evaluate")]
+    assert ev["generated"] == sum(done(a, s, 2, "evaluate")["tokens"] for a in ("selm", "dpo") for s in (0, 1)) > 0
+    text = report.read_text()
+    assert "## Where the time went" in text and f"| 2 | train | 4 | {train['seconds']:.1f} |" in text
+    # The report of one run folder has the same table, from that run alone.
+    run = out / "selm" / "seed_0"
+    one = build_run_report(run).read_text()
+    assert f"| 2 | train | 1 | {done('selm', 0, 2, 'train')['seconds']:.1f} |" in one
+
+
+def test_the_report_phase_prints_each_step_with_its_count(demo, capsys):
+    import re
+
+    from selm.studies.demo import _finish
+
+    out, _ = demo
+    for s in (0, 1):  # drop the exploration cache of one arm so that its scoring runs again
+        (out / "selm" / f"seed_{s}" / "analysis" / "exploration.json").unlink()
+    capsys.readouterr()
+    _finish(out)
+    err = capsys.readouterr().err  # captured: not a terminal, so plain lines
+    steps = [(int(k), int(n)) for k, n in re.findall(r"^report: implicit rewards: (\d+)/(\d+) ", err, re.M)]
+    # 4 start models (the tiny model is built from each run's seed) and 2 x 2 runs x 2 iterations.
+    assert steps == [(k, 12) for k in range(1, 13)]
+    for s in (0, 1):
+        scored = re.findall(rf"^report: exploration scoring of selm/seed_{s}: (\d+)/(\d+) ", err, re.M)
+        assert scored == [("1", "3"), ("2", "3"), ("3", "3")]
+    assert "exploration scoring of dpo/" not in err  # cached: nothing to do
+    assert re.findall(r"^report: (\d)/4 ", err, re.M) == ["1", "2", "3", "4"]

@@ -126,13 +126,13 @@ def test_zero3_loop_equals_one_process(one_process, tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 10_000
 
 
-def _kill_when(cmd, condition, limit=300) -> bool:
+def _kill_when(cmd, condition, limit=300, extra_env=None) -> bool:
     """Start a launcher and SIGKILL it and every process under it once `condition()`. The ranks are
     killed by id: torchrun starts each worker in a session of its own, out of the launcher's
     process group."""
     import psutil
 
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     t0 = time.time()
 
@@ -271,32 +271,34 @@ def test_zero3_stops_on_a_nan_loss_naming_the_step_the_term_and_the_pair(tmp_pat
     assert not (out / "model").exists() and not (out / "DONE.json").exists() and not (out / "checkpoint").exists()
 
 
-def test_fsdp_on_cpu_is_refused_with_a_clear_line(one_process, tmp_path):
+def test_fsdp_without_a_launcher_is_refused_with_a_clear_line(one_process, tmp_path):
     pairs = one_process / "iter_1" / "pair" / "pairs.jsonl"
     proc = subprocess.run([sys.executable, "-m", "selm.cli", "train", "--pairs", pairs, "--output-dir", tmp_path / "f"],
                           env={**env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "needs GPUs" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "needs a launcher" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "f" / "DONE.json").exists()
 
 
-@pytest.mark.gpu
-def test_fsdp2_training_equals_one_process(one_process, tmp_path):
-    """FSDP2 through accelerate needs GPUs (its plugin does not shard on CPUs)."""
-    import torch
+@pytest.mark.slow
+def test_fsdp2_loop_killed_mid_training_resumes_from_its_sharded_checkpoint_to_one_process_result(one_process, tmp_path):
+    """FSDP2 on CPUs under torchrun (selm shards each decoder layer, then the root): SIGKILL once a
+    sharded checkpoint exists, relaunch, and the whole loop equals one process with the same global
+    batch; every model folder is a plain Hugging Face folder."""
+    out = tmp_path / "fsdp"
+    fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    cmd = torchrun("run", TINY, "--output-dir", out, *SETTINGS, "--set", "train.batch_size=2")
+    train = out / "iter_1" / "train"
+    killed = _kill_when(cmd, lambda: (train / "checkpoint" / "state.json").is_file(), extra_env=fsdp_env)
+    assert killed and not (train / "DONE.json").exists()
+    assert list((train / "checkpoint").glob("*.distcp"))  # the engine's own shards
+    proc = subprocess.run(cmd, env={**env(), **fsdp_env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_run(one_process, out)
+    assert json.loads((train / "DONE.json").read_text())["engine"] == "fsdp2"
+    from transformers import AutoModelForCausalLM
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    pairs = one_process / "iter_1" / "pair" / "pairs.jsonl"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
-           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "selm.cli", "train", "--pairs",
-           pairs, "--output-dir", tmp_path / "fsdp", "--set", "train.batch_size=2", "--set", "train.learning_rate=5e-3"]
-    run(cmd)
-    run([sys.executable, "-m", "selm.cli", "train", "--pairs", pairs, "--output-dir", tmp_path / "one",
-         "--set", "train.batch_size=4", "--set", "train.learning_rate=5e-3"])
-    a, b = load_file(tmp_path / "one" / "model" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
-    for k in a:
-        assert_close(a[k], b[k].to(a[k].dtype).cpu(), atol=1e-4, rtol=1e-4, msg=k)
+    assert AutoModelForCausalLM.from_pretrained(out / "iter_2" / "train" / "model") is not None
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@ import pytest
 
 from selm.config import ConfigError, config_from_dict
 from selm.studies.demo import load_study_spec, run_study_file
-from selm.studies.findings import (FAILS, HOLDS, OPEN, alpha_differences, findings, findings_lines, side,
+from selm.studies.findings import (FAILS, HOLDS, OPEN, alpha_differences, decide, findings, findings_lines, side,
                                    sweep_headline, verdict)
+from selm.stats import seed_t_interval
 from selm.studies.study import arm_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,11 @@ def test_the_evidence_preset_runs_on_the_tiny_model_in_parallel_with_the_same_re
     assert len(f["extras"]["per_seed_head_to_head"]) == 3 and set(f["2_alpha_concentrates_rewards"]["by_alpha"]) == {
         "selm", "alpha_0.0001", "alpha_0.1"}
     assert (par / "logs" / "selm_seed_2.log").stat().st_size > 0  # worker output went to its log
+    # The study report's headline and finding 1 read the one rule: the seeds' t-interval.
+    h = data["head_to_head"][-1]
+    assert h["per_seed"] == pytest.approx(f["extras"]["per_seed_head_to_head"])
+    assert h["seed_ci95"] == pytest.approx(list(seed_t_interval(h["per_seed"])))
+    assert headline_verdict(decide(h, 0.5)) in text.splitlines()[2]
     seq = tmp_path / "sequential"
     run_study_file(seq, preset="evidence", overrides=TINY, seeds=[0], jobs=1)
     for arm in ("selm", "dpo", "alpha_0.0001", "alpha_0.1"):
@@ -154,8 +160,8 @@ def test_findings_on_a_study_where_selm_clearly_wins(tmp_path):
         # SELM: every answer 0.6 (high, no spread); DPO: alternating 0.1 / 0.55 (spread, half high).
         _write(tmp_path, "selm", s, 2, [0.6] * n)
         _write(tmp_path, "dpo", s, 2, [0.1 if i % 2 else 0.55 for i in range(n)])
-    ir = {"diff": [{"iteration": 2, "chosen": {"mean": 0.3, "ci95": [0.1, 0.5]},
-                    "rejected": {"mean": 0.2, "ci95": [0.05, 0.4]}}]}
+    ir = {"diff": [{"iteration": 2, "chosen": {"mean": 0.3, "ci95": [0.1, 0.5], "seed_ci95": [0.1, 0.5]},
+                    "rejected": {"mean": 0.2, "ci95": [0.05, 0.4], "seed_ci95": [0.05, 0.4]}}]}
     f = findings(tmp_path, _data(implicit_rewards=ir))
     f1 = f["1_selm_beats_dpo"]
     # Head to head: 0.6 beats 0.1 (win) and 0.55 (win): 100%; vs the start (0.0): 100%.
@@ -187,8 +193,8 @@ def test_findings_that_fail_or_stay_open(tmp_path):
         # SELM worse than the start everywhere (0.0 < 0.5); against DPO a coin flip.
         _write(tmp_path, "selm", s, 2, [0.0 + rng.random() * 0.01 for _ in range(n)])
         _write(tmp_path, "dpo", s, 2, [0.0 + rng.random() * 0.01 for _ in range(n)])
-    ir = {"diff": [{"iteration": 2, "chosen": {"mean": 0.0, "ci95": [-0.1, 0.1]},
-                    "rejected": {"mean": -0.3, "ci95": [-0.5, -0.1]}}]}
+    ir = {"diff": [{"iteration": 2, "chosen": {"mean": 0.0, "ci95": [-0.1, 0.1], "seed_ci95": [-0.1, 0.1]},
+                    "rejected": {"mean": -0.3, "ci95": [-0.5, -0.1], "seed_ci95": [-0.5, -0.1]}}]}
     f = findings(tmp_path, _data(seeds=(0, 1, 2), implicit_rewards=ir))
     assert f["1_selm_beats_dpo"]["selm_vs_start"]["value"] == 0.0
     assert f["1_selm_beats_dpo"]["verdict"] == FAILS  # SELM below the start model
@@ -210,3 +216,72 @@ def test_the_sweep_headline_says_whether_an_alpha_differs_from_zero(tmp_path):
     text = sweep_headline(diffs)
     assert "alpha_1 (0.5 [0.5, 0.5])" in text and "alpha_0.1" not in text
     assert "No alpha differs" in sweep_headline({"alpha_0.1": diffs["alpha_0.1"]})
+
+
+# ------------------------------------------------------------------------------------------------
+# The one verdict rule: a t-interval over per-seed values, seeds - 1 degrees of freedom
+
+
+def headline_verdict(side: int | None) -> str:
+    """The words the report's headline uses for each outcome of the rule."""
+    return {None: "no verdict: with one seed", 0: "no clear difference between SELM and iterative DPO at this size",
+            1: "SELM beat iterative DPO", -1: "iterative DPO beat SELM"}[side]
+
+
+def test_student_t_quantiles_without_scipy():
+    from selm.stats import t_quantile
+
+    # Printed tables (two-sided 95%: the 0.975 quantile).
+    for df, q in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (9, 2.2622), (29, 2.0452), (1000, 1.9623)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-t_quantile(0.975, 4))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 17):
+        for p in (0.6, 0.9, 0.995):
+            assert t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9)
+
+
+def _h2h(per_seed: list[float]) -> dict:
+    # A head-to-head summary as the report builds it; the bootstrap "ci95" is deliberately narrow
+    # (a bootstrap over 2 seeds and many prompts): it must not decide.
+    m = sum(per_seed) / len(per_seed)
+    return {"mean": m, "ci95": [m - 0.01, m + 0.01], "n": 128 * len(per_seed), "seeds": len(per_seed),
+            "per_seed": per_seed, "seed_ci95": list(seed_t_interval(per_seed))}
+
+
+def _headline_of(per_seed: list[float]) -> str:
+    from selm.studies.report import headline
+
+    start = {"mean": 0.6, "ci95": [0.5, 0.7]}
+    data = {"iterations": 2, "seeds": list(range(len(per_seed))), "arms": ["selm", "dpo"],
+            "head_to_head": [_h2h(per_seed)], "per_arm": {a: {"win_vs_start": [start] * 3} for a in ("selm", "dpo")}}
+    return headline(data)
+
+
+def test_two_seeds_at_39_8_and_34_4_give_no_verdict():
+    # The issue's demo on a 2-core EPYC: a bootstrap over the 2 seeds said 37.1% [28.1, 46.1], "DPO beat SELM".
+    h = _h2h([0.398, 0.344])
+    lo, hi = h["seed_ci95"]
+    # Standard error: the sample SD (0.054 / sqrt 2) over sqrt 2 = 0.027; t(0.975, 1 df) = 12.706.
+    assert lo < 0.5 < hi and (lo, hi) == pytest.approx((0.371 - 12.7062 * 0.027, 0.371 + 12.7062 * 0.027), abs=1e-4)
+    assert decide(h, 0.5) == 0
+    text = _headline_of([0.398, 0.344])
+    assert "**At iteration 2: no clear difference between SELM and iterative DPO at this size" in text
+    assert "docs/EVIDENCE.md" in text and "beat" not in text
+    assert "2 seeds: 39.8%, 34.4%; 95% t-interval over seeds [" in text
+
+
+def test_ten_seeds_at_60_plus_minus_2_say_selm_wins():
+    per_seed = [0.60 + (0.02 if i % 2 else -0.02) for i in range(10)]
+    assert decide(_h2h(per_seed), 0.5) == 1
+    assert "**At iteration 2: SELM beat iterative DPO.**" in _headline_of(per_seed)
+    assert "**At iteration 2: iterative DPO beat SELM.**" in _headline_of([1 - x for x in per_seed])
+
+
+def test_one_seed_gives_no_verdict_and_says_why():
+    assert seed_t_interval([0.9]) == (None, None) and decide(_h2h([0.9]), 0.5) is None
+    text = _headline_of([0.9])
+    assert "no verdict: with one seed there is no interval over seeds" in text and "beat" not in text
+    g = {"value": 0.5, "ci95": [0.4, 0.6], "seed_ci95": [None, None]}
+    assert "No verdict on alpha" in sweep_headline({"alpha_1": {"gold": g}})
+    assert "one seed: no interval" in findings_lines.__globals__["_ci"](g)

@@ -223,3 +223,17 @@ def test_step_plan_and_schedule():
     f = lr_lambda("cosine", warmup_steps=2, total_steps=10)
     assert f(0) == pytest.approx(1 / 3) and f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.0)
     assert f(6) == pytest.approx(0.5)
+
+
+def test_done_records_the_tokens_training_ran(tmp_path, pairs_file, tiny_model_dir, monkeypatch):
+    """DONE.json's "tokens" equals the real tokens of every forward pass (LogpBatch.num_tokens), for both
+    layouts and over epochs."""
+    import selm.stages.train as tr
+
+    ran, real = [], tr.batch_logps
+    monkeypatch.setattr(tr, "batch_logps", lambda m, b: ran.append(b.num_tokens) or real(m, b))
+    for layout in ("prefix", "padded"):
+        ran.clear()
+        out = tmp_path / layout
+        run_train(cfg("train.batch_size=4", f"train.layout={layout}", "train.epochs=2"), pairs_file, tiny_model_dir, out)
+        assert json.loads((out / "DONE.json").read_text())["tokens"] == sum(ran) > 0

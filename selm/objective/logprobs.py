@@ -110,7 +110,8 @@ class LogpBatch:
         """Real (non-pad) tokens that go through the model."""
         if self.attention_mask.dim() == 2:
             return int(self.attention_mask.sum())
-        return int(self.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1).sum())
+        # Not the block mask's diagonal: padding positions attend to themselves there.
+        return int(self.seg_lens.sum())
 
     def to(self, device) -> "LogpBatch":
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}

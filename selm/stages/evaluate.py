@@ -76,5 +76,7 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
         atomic_write_jsonl(stage_dir / "generations.jsonl", rows)
         atomic_write_json(stage_dir / "metrics.json", metrics)
         # Timing goes in the marker, not metrics.json, so that a resumed run's metrics equal a fresh one's.
-        mark_done(stage_dir, {"gold_mean": metrics["gold_mean"], "seconds": time.perf_counter() - t0})
+        # Tokens generated, for the report's cost table (selm/studies/cost.py).
+        mark_done(stage_dir, {"gold_mean": metrics["gold_mean"], "seconds": time.perf_counter() - t0,
+                              "tokens": sum(s.num_tokens for s in samples)})
     return metrics

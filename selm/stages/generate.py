@@ -81,7 +81,7 @@ def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
 
     gc = cfg.generate
     t_start = time.perf_counter()
-    set_threads(gc.num_threads)  # see GenerateConfig.num_threads and the README's "Threads"
+    set_threads(gc.num_threads)  # see GenerateConfig.num_threads and docs/performance.md, "Threads"
     rows = read_prompt_rows(Path(prompts_path))
     generator = generator_from_config(cfg, model_path, batch_size=gc.batch_size)
 

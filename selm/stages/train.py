@@ -43,10 +43,11 @@ from selm.objective.logprobs import COLLATORS, TokenizedExample, autocast, batch
 from selm.objective.losses import preference_objective
 from selm.precision import describe as describe_precision
 from selm.training import reference
-from selm.training.engine import CHECKPOINT, Engine, sharding_launch
+from selm.training.engine import CHECKPOINT, Engine, create_engine, sharding_launch
 from selm.training.metrics import (METRICS, PARTIAL, MetricsLog, StepStats, TrainingDiverged, accumulate,
                                    all_processes, find_nonfinite, finite, metrics_row, stop_if_nonfinite)
-from selm.training.plan import StepPlan, build_optimizer, build_scheduler, forward_passes, forward_tokens
+from selm.training.plan import (StepPlan, build_optimizer, build_scheduler, forward_passes, forward_tokens,
+                                tokens_per_epoch)
 
 __all__ = ["run_train", "train_step", "CHECKPOINT", "METRICS", "PARTIAL", "TrainingDiverged"]
 
@@ -175,7 +176,7 @@ def run_train(
     lr = learning_rate if learning_rate is not None else tc.learning_rate
     stage_dir = Path(stage_dir)
     _prepare(tc, stage_dir)
-    engine = Engine(tc)
+    engine = create_engine(tc)
     _check_engine(engine, tc, ref_model_path)
     if tc.bf16 == "auto" and engine.is_main:
         print(f"train: {describe_precision(tc.bf16, engine.device)}", file=sys.stderr, flush=True)
@@ -185,7 +186,7 @@ def run_train(
     tokenizer, examples, model = _load_inputs(pairs_path, model_path, cfg, engine.device)
     plan = StepPlan.build(len(examples), tc, seed, engine.world)
     total_steps = len(plan.steps)
-    module, optimizer = engine.prepare(model, build_optimizer(model, tc, lr, engine.device),
+    module, optimizer = engine.prepare(model, lambda m: build_optimizer(m, tc, lr, engine.device, fused=not engine.sharded),
                                        segments=None if tc.segment_attention else False)
     # On the wrapped optimizer: ZeRO-3 regroups the parameters into its own flat partitions.
     scheduler = build_scheduler(optimizer, tc, total_steps)
@@ -233,7 +234,8 @@ def run_train(
     if end < total_steps:
         return {"stopped_at": max_steps}
 
-    summary = _summary(model, tc, total_steps, len(examples), lr, t_start) | {"bf16": engine.bf16}
+    summary = _summary(model, tc, total_steps, len(examples), lr, t_start) | {"bf16": engine.bf16} | engine.summary()
+    summary["tokens"] = tokens_per_epoch(examples, tc.layout) * tc.epochs  # what the report's cost table reads
     engine.save_model(module, tokenizer, stage_dir / "model", tc,
                       stage_dir / "adapter" if tc.lora.keep_adapter else None)
     if engine.is_main:

@@ -15,6 +15,7 @@ import torch
 from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_jsonl
 from selm.layout import model_dir, study_run
+from selm.studies.steps import Steps
 from selm.studies.study import arm_config, arm_configs, Arm, load_study
 
 HELDOUT_PROMPTS = 48
@@ -90,24 +91,28 @@ def implicit_rewards(out: Path) -> Path:
     pairs = [PairRecord(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     shared = next(iter(arm_configs(study).values()))
     T = shared.loop.iterations
+    from selm.loop import start_model_path
+
     per: dict = {}
     start_cache: dict = {}
+    runs = []  # (arm, seed, config, start model, trained models by iteration): counted first for the progress lines
     for a in study["arms"]:
         arm = Arm(**a)
         for s in study["seeds"]:
             cfg = arm_config(study["base"], arm, s)
-            set_threads(cfg.generate.num_threads)
             run = study_run(out, arm.name, s)
-            from selm.loop import start_model_path
-
-            sp = start_model_path(cfg, run)
+            models = {t: model_dir(run, t) for t in range(1, T + 1)}
+            runs.append((arm, s, cfg, start_model_path(cfg, run), {t: m for t, m in models.items() if m.is_dir()}))
+    total = len({str(r[3]) for r in runs}) + sum(len(r[4]) for r in runs)
+    with Steps("report: implicit rewards", total) as steps:
+        for arm, s, cfg, sp, models in runs:
+            set_threads(cfg.generate.num_threads)
             if str(sp) not in start_cache:
+                steps.start(f"start model of {arm.name} seed {s}")
                 start_cache[str(sp)] = _logps(sp, pairs, cfg)
             ref = start_cache[str(sp)]
-            for t in range(1, T + 1):
-                m = model_dir(run, t)
-                if not m.is_dir():
-                    continue
+            for t, m in models.items():
+                steps.start(f"{arm.name} seed {s} iteration {t}")
                 lp = _logps(m, pairs, cfg)
                 per[f"{arm.name}/{s}/{t}"] = {k: (cfg.train.beta * (lp[k] - ref[k])).tolist() for k in lp}
     diff = []

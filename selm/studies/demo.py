@@ -12,7 +12,7 @@ from pathlib import Path
 from selm.config import apply_overrides, load_yaml, resolve_relative_paths
 
 PACKAGED = Path(__file__).parent.parent / "configs" / "demo.yaml"
-# The demo's --quick sizes: one seed, fewer prompts and tokens (measured to fit in 3 minutes; README).
+# The demo's --quick sizes: one seed, fewer prompts and tokens (measured to fit in 3 minutes; docs/demo.md).
 QUICK = ["data.max_prompts=24", "data.max_eval_prompts=16", "generate.max_new_tokens=32", "evaluate.max_new_tokens=32"]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from selm.io import DONE_MARKER, atomic_write_json, read_json, read_jsonl, sha256_json
 from selm.layout import model_dir, stage_dir
 from selm.stats import mean, outcomes
+from selm.studies.steps import Steps
 
 VERSION = 1  # bump when a statistic changes: cached results are then recomputed
 CACHE = Path("analysis") / "exploration.json"
@@ -185,8 +186,10 @@ def distances(run: Path, cfg, T: int, cap: int) -> dict[int, dict]:
     set_threads(cfg.generate.num_threads)
     logps: dict[tuple[str, int], list[float]] = {}
     tokens: dict[str, list[int]] = {}
+    steps = Steps(f"report: exploration scoring of {run.parent.name}/{run.name}", len(needs))
     for j in sorted(needs):
         names = sorted(needs[j])
+        steps.start("start model" if j == 0 else f"iteration {j}'s model")
         lp, n = score_responses(models[j], [it for s in names for it in sets[s][0]], cfg)
         start = 0
         for s in names:
@@ -194,6 +197,7 @@ def distances(run: Path, cfg, T: int, cap: int) -> dict[int, dict]:
             logps[(s, j)] = lp[start:start + size]
             tokens.setdefault(s, n[start:start + size])
             start += size
+    steps.close()
     out: dict[int, dict] = {}
     for (t, name), (s, a, b) in wanted.items():
         seq, tok = per_prompt_ratios(logps[(s, a)], logps[(s, b)], tokens[s], sets[s][1])

@@ -2,9 +2,13 @@
 "Findings and their rules"), plus what the paper does not report: length drift, answers cut off and
 seed-to-seed variation. Also the alpha-vs-0 differences that the sweep headline states.
 
-Every interval is a 95% bootstrap interval that resamples seeds, then prompts within a seed
-(selm.stats.hierarchical_ci); a rule reads only whether an interval lies above, below or across its
-threshold:
+Every rule reads one interval: the 95% t-interval over the per-seed values of its statistic, with
+seeds - 1 degrees of freedom (`decide`, the one rule the report's headlines also use), and only
+whether it lies above, below or across its threshold. The seed is the unit that varies from run to
+run, so the interval widens with few seeds; the bootstrap over seeds and prompts
+(selm.stats.hierarchical_ci) is kept in report.json as "ci95" but decides nothing, because resampling
+2 or 3 seeds cannot see their spread. With one seed there is no interval and every finding is
+inconclusive:
 
 1. SELM beats iterative DPO, head to head and vs the start model (gold win rates at the last
    iteration, ties half). Holds: both intervals above 50%. Does not hold: either below 50%.
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from selm.io import read_jsonl
 from selm.layout import stage_dir, study_run
-from selm.stats import hierarchical_ci, mean, outcomes, sd
+from selm.stats import hierarchical_ci, mean, outcomes, sd, seed_t_interval
 
 HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
 # The demo task's "high gold": only an answer that breaks no rule can reach it (selm/studies/demo_task.py).
@@ -39,6 +43,14 @@ def side(ci, threshold: float) -> int:
     if lo is None or hi is None:
         return 0
     return 1 if lo > threshold else -1 if hi < threshold else 0
+
+
+def decide(s: dict, threshold: float) -> int | None:
+    """The rule every verdict of a report uses (headline, sweep headline, findings): +1 if the 95%
+    t-interval over per-seed values (`seed_ci95` of a summary) lies above `threshold`, -1 if below, 0
+    if it contains it; None with fewer than two seeds (no interval)."""
+    ci = s.get("seed_ci95") or [None, None]
+    return None if ci[0] is None else side(ci, threshold)
 
 
 def verdict(above: list[int], below_fails: bool = True) -> str:
@@ -73,7 +85,9 @@ def summary(groups: list[list], samples: int, stat=None) -> dict:
         return {"value": None, "ci95": [None, None], "n": 0}
     f = stat or mean
     lo, hi = hierarchical_ci(groups, samples=samples, seed=0, stat=stat)
-    return {"value": f(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups)}
+    per_seed = [f(g) for g in groups if g]
+    return {"value": f(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups), "per_seed": per_seed,
+            "seed_ci95": list(seed_t_interval(per_seed))}
 
 
 def _diff_mean(pairs):
@@ -118,20 +132,20 @@ def findings(out: Path, data: dict) -> dict | None:
     h2h_g, start_g = paired(out, "selm", T, "dpo", T, seeds), paired(out, "selm", T, "selm", 0, seeds)
     h2h, vs_start = summary(h2h_g, n, win), summary(start_g, n, win)
     f1 = {"head_to_head": h2h, "selm_vs_start": vs_start,
-          "verdict": verdict([side(h2h["ci95"], 0.5), side(vs_start["ci95"], 0.5)])}
+          "verdict": verdict([decide(h2h, 0.5) or 0, decide(vs_start, 0.5) or 0])}
     diffs = alpha_differences(out, data)
     d = diffs.get("selm", {})
     share, spread = d.get("high_share", {"ci95": [None, None]}), d.get("sd", {"ci95": [None, None]})
-    s_share, s_sd = side(share["ci95"], 0.0), side(spread["ci95"], 0.0)
+    s_share, s_sd = decide(share, 0.0) or 0, decide(spread, 0.0) or 0
     f2 = {"high_share_diff": share, "sd_diff": spread, "by_alpha": diffs,
           "verdict": FAILS if s_share < 0 or s_sd > 0 else HOLDS if s_share > 0 and s_sd <= 0 else OPEN}
     shift = summary(paired(out, "selm", T, "selm", 1, seeds), n, _diff_mean) if T > 1 else summary([], n)
-    f3 = {"gold_last_minus_first": shift, "verdict": verdict([side(shift["ci95"], 0.0)])}
+    f3 = {"gold_last_minus_first": shift, "verdict": verdict([decide(shift, 0.0) or 0])}
     ir = data.get("implicit_rewards", {}).get("diff") or []
     last = next((e for e in ir if e["iteration"] == T), None)
     if last:
         f4 = {"chosen": last["chosen"], "rejected": last["rejected"],
-              "verdict": verdict([side(last["chosen"]["ci95"], 0.0), side(last["rejected"]["ci95"], 0.0)])}
+              "verdict": verdict([decide(last["chosen"], 0.0) or 0, decide(last["rejected"], 0.0) or 0])}
     else:
         f4 = {"verdict": OPEN, "note": "no implicit-reward analysis in this study folder"}
     extras = {
@@ -146,11 +160,15 @@ def findings(out: Path, data: dict) -> dict | None:
 
 
 def _ci(s: dict, pct: bool = False) -> str:
+    """"value [lo, hi]" with the interval that decides (the seeds' t-interval; "one seed" without one).
+    A report saved before the t-interval rule has only the bootstrap "ci95", which it shows."""
     if s.get("value") is None and s.get("mean") is None:
         return "n/a"
     v = s["value"] if "value" in s else s["mean"]
-    lo, hi = s["ci95"]
     k, unit = (100, "%") if pct else (1, "")
+    lo, hi = s["seed_ci95"] if "seed_ci95" in s else s["ci95"]
+    if lo is None:
+        return f"{v * k:.3g}{unit} [one seed: no interval]"
     return f"{v * k:.3g}{unit} [{lo * k:.3g}, {hi * k:.3g}]"
 
 
@@ -172,7 +190,9 @@ def findings_lines(f: dict | None) -> list[str]:
     ]
     lines = ["## The paper's findings, tested", "",
              "Each rule was fixed before the run (docs/method.md): a finding holds when its 95% intervals lie on the "
-             "predicted side, does not hold when one lies on the other side, and is inconclusive otherwise.", "",
+             "predicted side, does not hold when one lies on the other side, and is inconclusive otherwise. The "
+             "intervals are t-intervals over the per-seed values (seeds - 1 degrees of freedom), so that the "
+             "seed-to-seed spread counts; with one seed there is none and every finding is inconclusive.", "",
              "| finding | statistic [95% interval] | verdict |", "|---|---|---|"]
     lines += [f"| {a} | {b} | **{c}** |" for a, b, c in rows]
     lines += ["", "By alpha (each arm minus alpha 0, last iteration):", "",
@@ -190,10 +210,14 @@ def findings_lines(f: dict | None) -> list[str]:
 
 
 def sweep_headline(diffs: dict[str, dict]) -> str:
-    """Whether any alpha differs from alpha 0 in mean gold, by its interval."""
+    """Whether any alpha differs from alpha 0 in mean gold, by the t-interval over seeds (`decide`)."""
     if not diffs:
         return ""
-    differ = [f"{a} ({_ci(d['gold'])})" for a, d in diffs.items() if side(d["gold"]["ci95"], 0.0) != 0]
+    if any(decide(d["gold"], 0.0) is None for d in diffs.values()):
+        return (" No verdict on alpha: with one seed there is no interval over seeds, and one run cannot show how much "
+                "another seed's would differ (docs/EVIDENCE.md); run two or more seeds.")
+    differ = [f"{a} ({_ci(d['gold'])})" for a, d in diffs.items() if decide(d["gold"], 0.0) != 0]
     if not differ:
-        return " No alpha differs from alpha 0 in mean gold by its 95% interval (every difference's interval contains 0)."
-    return " Differs from alpha 0 in mean gold (difference, 95% interval): " + ", ".join(differ) + "."
+        return (" No alpha differs clearly from alpha 0 in mean gold at this size (every difference's 95% t-interval over "
+                "seeds contains 0; docs/EVIDENCE.md).")
+    return " Differs from alpha 0 in mean gold (difference, 95% t-interval over seeds): " + ", ".join(differ) + "."

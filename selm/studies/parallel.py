@@ -1,7 +1,7 @@
 """Several runs of a study at once, one process per arm-seed run (`jobs` > 1).
 
-Why processes: the stages run at one thread by default (README "Threads": two threads on a 2-core
-machine gain little and can lose much), so a one-process study leaves the other cores idle.
+Why processes: the stages run at one thread by default (docs/performance.md, "Threads": two threads
+on a 2-core machine gain little and can lose much), so a one-process study leaves the other cores idle.
 Runs are the unit of work (a seed would be too coarse: three seeds on two processes take two
 rounds); an arm that shares its seed's first stages waits for them (study._run_arm). Each worker
 writes its own progress to DIR/logs/<arm>_seed_<s>.log; the parent shows one bar counting finished

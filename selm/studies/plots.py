@@ -7,16 +7,19 @@ import json
 from pathlib import Path
 
 from selm.layout import stage_dir
-from selm.stats import hierarchical_ci, mean
+from selm.stats import hierarchical_ci, mean, seed_t_interval
 
 
 def interval_summary(groups: list[list[float]], samples: int) -> dict:
-    """Mean and 95% interval (`samples` bootstrap resamples) of values grouped by seed."""
+    """Mean and 95% interval (`samples` bootstrap resamples) of values grouped by seed, and the
+    per-seed means with their t-interval (seed_ci95), which verdicts read (selm.studies.findings.decide)."""
     flat = [x for g in groups for x in g]
     if not flat:
         return {"mean": None, "ci95": [None, None], "n": 0}
     lo, hi = hierarchical_ci(groups, samples=samples, seed=0)
-    return {"mean": mean(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups)}
+    per_seed = [mean(g) for g in groups if g]
+    return {"mean": mean(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups), "per_seed": per_seed,
+            "seed_ci95": list(seed_t_interval(per_seed))}
 
 
 def read_training_curves(run: Path, T: int) -> list[dict]:

@@ -15,9 +15,11 @@ from pathlib import Path
 from selm.io import atomic_write_text, read_json
 from selm.layout import model_dir, study_run
 from selm.stats import head_to_head
-from selm.studies.findings import alpha_differences, eval_rows, findings, findings_lines, sweep_headline
+from selm.studies.cost import cost_lines, cost_table
+from selm.studies.findings import alpha_differences, decide, eval_rows, findings, findings_lines, sweep_headline
 from selm.studies.plots import (CURVE_TITLES, errorbars, figure_saver, format_interval, interval_summary, legend, pyplot,
                                read_training_curves, training_curves)
+from selm.studies.steps import Steps
 from selm.studies.study import arm_configs, load_study
 
 
@@ -70,6 +72,7 @@ def collect(out: Path) -> dict:
     ir = out / "analysis" / "implicit_rewards.json"
     if ir.is_file():
         data["implicit_rewards"] = read_json(ir)
+    data["cost"] = cost_table([study_run(out, a, s) for a in arms for s in seeds], T)
     data["findings"] = findings(out, data)
     data["alpha_vs_zero"] = alpha_differences(out, data)
     return data
@@ -217,18 +220,28 @@ def headline(data: dict) -> str:
     T = data["iterations"]
     if "head_to_head" in data and data["head_to_head"] and data["head_to_head"][-1]["mean"] is not None:
         h = data["head_to_head"][-1]
-        lo, hi = h["ci95"]
-        if lo > 0.5:
-            verdict = "SELM beat iterative DPO"
-        elif hi < 0.5:
-            verdict = "iterative DPO beat SELM"
+        side = decide(h, 0.5)
+        if side is None:
+            verdict = ("no verdict: with one seed there is no interval over seeds, and one run cannot show how much "
+                       "another seed's would differ (docs/EVIDENCE.md); run two or more seeds")
+        elif side:
+            verdict = "SELM beat iterative DPO" if side > 0 else "iterative DPO beat SELM"
         else:
-            verdict = "no clear difference between SELM and iterative DPO (the interval contains 50%)"
+            verdict = ("no clear difference between SELM and iterative DPO at this size (the 95% t-interval over seeds "
+                       "contains 50%; docs/EVIDENCE.md says how many seeds a difference needs)")
         s, d = data["per_arm"]["selm"]["win_vs_start"][T], data["per_arm"]["dpo"]["win_vs_start"][T]
-        n_seeds = len(data["seeds"])
-        return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {format_interval(h, True)} "
-                f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}). Win rate vs the start model: "
-                f"SELM {format_interval(s, True)}, DPO {format_interval(d, True)}.")
+        n_seeds = len(h.get("per_seed") or data["seeds"])
+        per_seed = ", ".join(f"{x * 100:.1f}%" for x in h.get("per_seed") or [])
+        lo, hi = h.get("seed_ci95") or [None, None]
+        boot = f"[{h['ci95'][0] * 100:.1f}, {h['ci95'][1] * 100:.1f}]"
+        if lo is None:
+            seeds_ci = f"; bootstrap over prompts {boot}, which says nothing about another seed"
+        else:
+            seeds_ci = (f"; 95% t-interval over seeds [{lo * 100:.1f}, {hi * 100:.1f}]; bootstrap over seeds and prompts "
+                        f"{boot}, which decides nothing (resampling a few seeds understates their spread)")
+        return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {h['mean'] * 100:.1f}% "
+                f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}: {per_seed}{seeds_ci}). "
+                f"Win rate vs the start model: SELM {format_interval(s, True)}, DPO {format_interval(d, True)}.")
     best = max(data["arms"], key=lambda a: data["per_arm"][a]["gold"][T]["mean"] or float("-inf"))
     return (f"**Highest mean gold reward at iteration {T}: {best}** ({format_interval(data['per_arm'][best]['gold'][T])})."
             + sweep_headline(data.get("alpha_vs_zero") or {}))
@@ -239,14 +252,19 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
     from selm.studies.exploration_report import study_section
 
     out = Path(out)
+    steps = Steps("report", 4)
+    steps.start("numbers from the run folders")
     data = collect(out)
+    steps.start("plots")
     made = _plots(data, out / "plots")
     T = data["iterations"]
     lines = [f"# {data['title']}: report", "", headline(data), "",
              "Arms: " + ", ".join(f"{a} (alpha={data['alphas'][a]:g})" for a in data["arms"]) + "; seeds: "
              f"{', '.join(map(str, data['seeds']))}; iterations: {T}. Every figure below is computed from the run "
-             f"folders under `{out}` (numbers also in `report.json`). Intervals are 95% bootstrap intervals "
-             "that resample seeds, then prompts within a seed; ties count half.", ""]
+             f"folders under `{out}` (numbers also in `report.json`). Intervals in the tables are 95% bootstrap intervals "
+             "that resample seeds, then prompts within a seed; ties count half. Verdicts (the headline and the "
+             "findings) read only the 95% t-interval over the per-seed values (seeds - 1 degrees of freedom), which "
+             "carries the seed-to-seed spread that a bootstrap over a few seeds misses.", ""]
     lines += _setup_lines(data["setup"])
     lines += ["## Gold win rate vs the start model", "", "| iteration | " + " | ".join(data["arms"]) + " |",
               "|---|" + "---|" * len(data["arms"])]
@@ -280,7 +298,9 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
             lines.append(f"| {data['alphas'][a]:g} | {format_interval(data['per_arm'][a]['gold'][T])} | "
                          f"{format_interval(data['per_arm'][a]['win_vs_start'][T], True)} |")
         lines += ["", "![](plots/alpha_sweep.png)", ""]
+    steps.start("exploration statistics")
     lines += study_section(out, data, exploration_prompts)
+    lines += cost_lines(data["cost"])
     if data.get("examples"):
         lines += ["## Example generations (first seed, last iteration)", ""]
         for ex in data["examples"]:
@@ -290,6 +310,8 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
                 text = r["response"].replace("|", "\\|").replace("\n", " ")
                 lines.append(f"| {name} | {r['gold']:.3f} | {text} |")
             lines.append("")
+    steps.start("report.md and report.json")
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    steps.close()
     return out / "report.md"

@@ -14,6 +14,7 @@ from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
 from selm.layout import stage_dir
 from selm.stats import head_to_head
+from selm.studies.cost import cost_lines, cost_table
 from selm.studies.exploration_report import run_section
 from selm.studies.findings import eval_rows
 from selm.studies.plots import (CURVE_TITLES, errorbars, figure_saver, format_interval, interval_summary, legend, pyplot,
@@ -45,7 +46,7 @@ def collect_run(out: Path) -> dict:
         row["gold_all"] = [cur[i]["gold"] for i in ids]
         rows.append(row)
     return {"run": str(out), "iterations": T, "alpha": cfg.train.alpha, "beta": cfg.train.beta,
-            "per_iteration": rows, "curves": read_training_curves(out, T)}
+            "per_iteration": rows, "curves": read_training_curves(out, T), "cost": cost_table([out], T)}
 
 
 def _plots(data: dict, plots: Path) -> list[str]:
@@ -116,6 +117,7 @@ def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
         if name in made:
             lines += [f"## {title}", "", f"![](plots/{name})", ""]
     lines += run_section(out, data, exploration_prompts)
+    lines += cost_lines(data["cost"])
     atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

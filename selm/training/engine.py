@@ -16,6 +16,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,7 @@ from selm.objective.logprobs import ResponseLogps
 from selm.precision import use_bf16
 
 CHECKPOINT = "checkpoint"
+STATE = "state.json"  # in a checkpoint: step, schedule, metrics size; written last
 
 
 def _launcher_asks(kind: str) -> bool:
@@ -38,8 +40,16 @@ def sharding_launch() -> bool:
     return _launcher_asks("DEEPSPEED") or _launcher_asks("FSDP")
 
 
+def create_engine(tc: TrainConfig) -> "Engine | FSDP2Engine":
+    """The engine the launcher asks for: FSDP2 (selm shards the model itself, on CPUs and GPUs) or
+    accelerate's (one process, DDP, DeepSpeed)."""
+    return FSDP2Engine(tc) if _launcher_asks("FSDP") else Engine(tc)
+
+
 class Engine:
     """One process, DDP or DeepSpeed ZeRO-3, through accelerate."""
+
+    kind = "accelerate"
 
     def __init__(self, tc: TrainConfig):
         from accelerate import Accelerator
@@ -47,9 +57,6 @@ class Engine:
 
         cuda = torch.cuda.is_available()
         deepspeed = _launcher_asks("DEEPSPEED")
-        if _launcher_asks("FSDP") and not cuda:
-            # accelerate's FSDP plugin does not shard on a CPU (it falls back to no distribution at all).
-            raise InputError("FSDP (configs/accelerate/fsdp2.yaml) needs GPUs; on CPUs use configs/accelerate/zero3.yaml or DDP")
         # On CPU accelerate finds no backend for DeepSpeed by itself; gloo is the one that works there.
         kwargs = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
         self.accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=kwargs)
@@ -57,8 +64,9 @@ class Engine:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
-        self.sharded = self.deepspeed or self.accelerator.distributed_type.name == "FSDP"
+        self.sharded = self.deepspeed
         """Parameters and optimizer states are sharded: resume state is the engine's own shards."""
+        self.kind = "deepspeed" if self.deepspeed else ("ddp" if self.world > 1 else "one process")
         self.bf16 = use_bf16(tc.bf16, self.device)
         if self.deepspeed:
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
@@ -76,10 +84,15 @@ class Engine:
         the engine autocasts inside its own forward (its config's torch_autocast)."""
         return torch.bfloat16 if self.bf16 and not self.deepspeed else None
 
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, segments: bool | None
-                ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """The model wrapped for log-probs and for the engine, and the optimizer the engine steps."""
-        return self.accelerator.prepare(ResponseLogps(model, segments=segments), optimizer)
+    def prepare(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], *,
+                segments: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The model wrapped for log-probs and for the engine, and the optimizer the engine steps
+        (`make_optimizer(model)`, built when the engine's parameters exist)."""
+        return self.accelerator.prepare(ResponseLogps(model, segments=segments), make_optimizer(model))
+
+    def summary(self) -> dict:
+        """What DONE.json records about the engine."""
+        return {"engine": self.kind, "processes": self.world}
 
     def unwrap(self, module) -> torch.nn.Module:
         """The Hugging Face model inside the engine's wrapper."""
@@ -119,16 +132,13 @@ class Engine:
         if self.sharded:
             self.accelerator.save_state(str(tmp))
         else:
-            # Every process's own random state: each drew (LoRA dropout) on its own share of the data.
-            rng = {"torch_rng": torch.stack(dist.all_gather(torch.get_rng_state()))}
-            if torch.cuda.is_available():
-                rng["cuda_rng"] = torch.stack(dist.all_gather(torch.cuda.get_rng_state()))
+            rng = random_states()
             if self.is_main:
                 save_file(lora.trainable_state(self.unwrap(module)), str(tmp / "model.safetensors"))
                 torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "trainer_state.pt")
         dist.barrier()
         if self.is_main:
-            atomic_write_json(tmp / "state.json", {"step": step, "metrics_bytes": metrics_bytes,
+            atomic_write_json(tmp / STATE, {"step": step, "metrics_bytes": metrics_bytes,
                                                    "scheduler": scheduler.state_dict()})
             folder.__exit__(None, None, None)
         dist.barrier()
@@ -138,8 +148,7 @@ class Engine:
         (the main process decides); return (step to start from, metrics bytes to keep), (0, 0) without."""
         from safetensors.torch import load_file
 
-        info = json.loads((ckpt / "state.json").read_text()) if self.is_main and (ckpt / "state.json").is_file() else None
-        info = dist.broadcast(info)
+        info = _checkpoint_state(ckpt)
         if info is None:
             return 0, 0
         if self.sharded:
@@ -180,11 +189,107 @@ class Engine:
         optimizer, cached GPU blocks), so that a later stage in this process (vLLM asks for a share of
         the GPU's free memory) finds it free. The caller drops its own references first."""
         self.accelerator.free_memory()
-        release_device_memory()
+        release_device_memory(self.device)
 
 
-def release_device_memory() -> None:
-    """Collect unreachable objects, then return the GPU's cached blocks to the driver."""
-    gc.collect()
+class FSDP2Engine:
+    """PyTorch FSDP2 (fully_shard), applied by selm itself (selm/fsdp.py): each decoder layer is its
+    own unit, then the root, so parameters are gathered one layer at a time. accelerate's FSDP path
+    does not shard on CPUs and would wrap selm's log-prob wrapper as one unit; this one runs under
+    torchrun (or `accelerate launch --config_file configs/accelerate/fsdp2.yaml`) on CPUs and GPUs."""
+
+    kind = "fsdp2"
+    sharded = True
+    deepspeed = False
+
+    def __init__(self, tc: TrainConfig):
+        from selm.models import default_device
+
+        if "MASTER_ADDR" not in os.environ:
+            raise InputError("FSDP (ACCELERATE_USE_FSDP=true) needs a launcher: torchrun --nproc_per_node N -m selm.cli "
+                             "... or accelerate launch --config_file configs/accelerate/fsdp2.yaml ...")
+        self.tc = tc
+        self.device = default_device()
+        dist.join()  # fully_shard builds its device mesh on the process group, also with one process
+        self.rank, self.world, self.is_main = dist.rank(), dist.world_size(), dist.is_main()
+        self.bf16 = use_bf16(tc.bf16, self.device)
+        self.autocast_dtype = torch.bfloat16 if self.bf16 else None
+        self.units: list[str] = []
+
+    def prepare(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], *,
+                segments: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        from selm import fsdp
+
+        module = fsdp.shard_model(ResponseLogps(model, segments=segments), self.tc.fsdp_layers or None)
+        self.units = fsdp.units(module)
+        return module, make_optimizer(model)  # after sharding: the optimizer holds this process's shards
+
+    def summary(self) -> dict:
+        return {"engine": self.kind, "processes": self.world, "fsdp_units": self.units}
+
+    def unwrap(self, module) -> torch.nn.Module:
+        return module.model
+
+    def forward_pass(self, module, *, last: bool):
+        # Gradients stay local until the step's last pass, which reduce-scatters their sum once.
+        module.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, module, max_norm: float) -> float:
+        from selm import fsdp
+
+        return float(fsdp.clip_grad_norm(module, max_norm if max_norm > 0 else float("inf")))
+
+    def save_checkpoint(self, ckpt: Path, module, optimizer, scheduler, *, step: int, metrics_bytes: int) -> None:
+        from selm import fsdp
+
+        fsdp.save_sharded(ckpt, module, optimizer, {"step": step, "metrics_bytes": metrics_bytes,
+                                                     "scheduler": scheduler.state_dict()})
+
+    def load_checkpoint(self, ckpt: Path, module, optimizer, scheduler) -> tuple[int, int]:
+        from selm import fsdp
+
+        info = _checkpoint_state(ckpt)
+        if info is None:
+            return 0, 0
+        fsdp.load_sharded(ckpt, module, optimizer)
+        scheduler.load_state_dict(info["scheduler"])
+        return int(info["step"]), int(info["metrics_bytes"])
+
+    def save_model(self, module, tokenizer, dest: Path, tc: TrainConfig, adapter_dest: Path | None) -> None:
+        from selm import fsdp
+
+        state = fsdp.full_state_dict(module, prefix="model.")  # every process takes part; the main one gets it
+        if self.is_main:
+            with AtomicDir(dest) as tmp:
+                module.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+        dist.barrier()
+
+    def release(self) -> None:
+        release_device_memory(self.device)
+
+
+def _checkpoint_state(ckpt: Path) -> dict | None:
+    """The checkpoint's state.json, read by the main process and sent to all (None: no checkpoint):
+    on a shared file system another node's view could lag behind."""
+    return dist.broadcast(json.loads((ckpt / STATE).read_text()) if dist.is_main() and (ckpt / STATE).is_file() else None)
+
+
+def random_states() -> dict[str, torch.Tensor]:
+    """Every process's random states, (processes, state bytes) each: the CPU's and, where there is
+    one, the GPU's. Each process drew (LoRA dropout) on its own share of the data."""
+    states = {"torch_rng": torch.stack(dist.all_gather(torch.get_rng_state()))}
     if torch.cuda.is_available():
+        states["cuda_rng"] = torch.stack(dist.all_gather(torch.cuda.get_rng_state()))
+    return states
+
+
+def release_device_memory(device) -> None:
+    """Collect unreachable objects, then return a GPU's cached blocks to the driver."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

@@ -110,8 +110,17 @@ def forward_passes(step_examples: list[int], examples: list[TokenizedExample], *
     return [*mine, *[None] * (most - len(mine))]
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and norms, as TRL/transformers)."""
+def tokens_per_epoch(examples: list[TokenizedExample], layout: str) -> int:
+    """The real (non-pad) tokens one epoch's forward passes run, as LogpBatch.num_tokens counts them:
+    a prefix row holds its prompt once, a padded layout repeats it before every response."""
+    prompts = 1 if layout == "prefix" else None
+    return sum((prompts or len(e.responses)) * len(e.prompt) + sum(map(len, e.responses)) for e in examples)
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, device, *, fused: bool = True
+                    ) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norms, as TRL/transformers).
+    `fused`: one kernel for all parameters where the device has it (not for sharded parameters)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -121,7 +130,7 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, device) 
         lr=lr, betas=(tc.adam_beta1, tc.adam_beta2),
         # One fused kernel instead of a per-parameter loop, which the training profile showed as a
         # visible share of a CPU step (notes/train_benchmark.md, "Profile of selm's step").
-        fused=torch.device(device).type in ("cpu", "cuda"),
+        fused=fused and torch.device(device).type in ("cpu", "cuda"),
     )
 
 
