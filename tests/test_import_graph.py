@@ -19,7 +19,7 @@ LAYERS = [
     ("selm.io", "selm.stats", "selm.dist", "selm.signals", "selm.precision", "selm.layout"),
     ("selm.config", "selm.chat", "selm.environment", "selm.lora", "selm.toy_judges"),
     ("selm.data", "selm.models", "selm.tiny"),
-    ("selm.objective", "selm.engines", "selm.training"),
+    ("selm.objective", "selm.engines", "selm.training", "selm.fsdp"),
     ("selm.stages",),
     ("selm.loop",),
     ("selm.studies", "selm.evaluation"),
