@@ -39,7 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from selm.chat import end_of_turn_ids  # noqa: E402
-from selm.engines.generation import HFGenerator, SamplingParams, encode_for_generation, left_pad  # noqa: E402
+from selm.engines.generation import HFGenerator, left_pad  # noqa: E402
+from selm.engines.sampling import SamplingParams, encode_for_generation  # noqa: E402
 from selm.io import read_jsonl  # noqa: E402
 
 from _models import save_smollm2_shaped  # noqa: E402  (benchmarks/ is on sys.path when run as a script)

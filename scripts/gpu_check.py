@@ -103,7 +103,8 @@ def inputs(w: dict) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from selm.tiny import build_tiny_tokenizer, save_tiny, save_tiny_pairrm
+    from helpers_pairrm import save_tiny_pairrm  # tests/: a tiny PairRM checkpoint built locally
+    from selm.tiny import build_tiny_tokenizer, save_tiny
 
     d = w["dir"]
     w["tiny64"] = save_tiny(d / "tiny64", seed=0, num_heads=1, num_kv_heads=1)
@@ -164,7 +165,7 @@ def cuda_train(w: dict) -> str:
 def memory_handoff(w: dict) -> str:
     import torch
 
-    from selm.engines.generation import SamplingParams
+    from selm.engines.sampling import SamplingParams
     from selm.engines.vllm_backend import VLLMGenerator
 
     reserved = torch.cuda.memory_reserved() / 2**30  # what training left cached in this process
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the checks without running them")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(1, str(ROOT / "tests"))
     import torch
 
     names = [n for n, _ in CHECKS]

@@ -73,7 +73,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
                          default=None) -> None:
     """One --flag per field of a config section, documented from the field docstrings; a nested
     section (train.lora) gets its own group of prefixed flags (--lora-r)."""
-    from selm.config import _type_name
+    from selm.config import type_name
 
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -90,8 +90,8 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
             flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
 
         FLAG_OF_KEY[f"{dotted}.{f.name}"] = flag
-        group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=_type_name(hints[f.name]).upper()
-                           if len(_type_name(hints[f.name])) < 24 else "VALUE",
+        group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=type_name(hints[f.name]).upper()
+                           if len(type_name(hints[f.name])) < 24 else "VALUE",
                            # argparse %-formats help strings: a docstring's "95%" must be escaped.
                            help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})".replace("%", "%%"))
 
@@ -240,13 +240,13 @@ def _add_eval_pairwise(evals, flags: dict) -> None:
 
 def _pairwise_config(args):
     """PairwiseEvalConfig from the flags and --set pairwise.KEY=VALUE."""
-    from selm.config import ConfigError, PairwiseEvalConfig, _build, apply_overrides
+    from selm.config import ConfigError, PairwiseEvalConfig, build_section, apply_overrides
 
     data = apply_overrides({}, list(args.overrides) + _flag_overrides(args))
     for key in data:
         if key != "pairwise":
             raise ConfigError(f"--set {key}...: `selm eval` takes pairwise.KEY=VALUE (see selm eval pairwise --help)")
-    return _build(PairwiseEvalConfig, data.get("pairwise") or {}, "pairwise")
+    return build_section(PairwiseEvalConfig, data.get("pairwise") or {}, "pairwise")
 
 
 def _eval_pairwise(args) -> int:
@@ -258,7 +258,7 @@ def _eval_pairwise(args) -> int:
         raise InputError(f"selm eval {args.eval_command}: runs as one process")
     cfg = _pairwise_config(args)
     if args.eval_command == "outputs":
-        if outputs.resolve_model(args.model, "MODEL") is None:
+        if outputs.resolve_answer_source(args.model, "MODEL") is None:
             raise InputError(f"MODEL: {args.model} is a file of outputs; `selm eval outputs` generates with a model")
         prompts = outputs.load_eval_prompts(args.prompts)
         texts, name = pairwise.answers(args.model, "MODEL", prompts, args.prompts, cfg)
@@ -455,7 +455,9 @@ def _dispatch(args) -> int:
             print(f"{key} ({tp}, default {default})\n    {doc}")
         return 0
     if args.command == "status":
-        rows = loop.status(args.output_dir)
+        from selm.status import status
+
+        rows = status(args.output_dir)
         width = max(len(r[0]) for r in rows)
         for name, state, detail in rows:
             print(f"{name:<{width}}  {state:<11}  {detail}".rstrip())

@@ -336,8 +336,8 @@ class TrainConfig:
     """Split each micro-batch into forward passes of at most this many tokens (rows x padded length;
     at least one pair each), accumulating gradients: the same step up to float summation order, with
     the activations of one pass alive at a time. null: one pass per micro-batch. "auto": 1024 on a
-    CPU (its matmuls already run at full rate there: faster, and about 40 % less peak memory at the
-    demo's settings), null on GPUs. Not under ZeRO-3/FSDP (their processes must run the same passes;
+    CPU (its matmuls already run at full rate there: faster and a lower peak; BENCHMARKS.md, "Memory",
+    has the figures), null on GPUs. Not under ZeRO-3/FSDP (their processes must run the same passes;
     "auto" is null there)."""
     max_length: int = 1024
     """Longest prompt + response, in tokens; responses are cut at the end to fit."""
@@ -371,8 +371,8 @@ class TrainConfig:
     exploration responses (a block mask; faster); "padded" runs one padded row per sequence."""
     segment_attention: bool = True
     """Prefix layout on a CPU: compute only the attention blocks the block mask allows (the prompt
-    over itself, each response over the prompt and itself): 1.6-2.6x faster attention than masked
-    SDPA over whole rows (BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
+    over itself, each response over the prompt and itself): faster attention than masked SDPA over
+    whole rows (the figures are in BENCHMARKS.md). false: masked SDPA over whole rows, as on other devices."""
     fsdp_layers: Optional[list[str]] = None
     """Under FSDP2: class names of the modules sharded one unit each (then the root). null: the
     model's own `_no_split_modules` (its decoder layers)."""
@@ -646,14 +646,15 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A type as the docs and --help spell it: "int", "str|null", "list[str]", "a|b" for a Literal."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return "|".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
-        return "|".join("null" if a is type(None) else _type_name(a) for a in args)
+        return "|".join("null" if a is type(None) else type_name(a) for a in args)
     if origin is list:
-        return f"list[{_type_name(args[0])}]"
+        return f"list[{type_name(args[0])}]"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -674,7 +675,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(e)
         if len(errors) == 1:
             raise errors[0]
-        raise ConfigError(f"{key}: expected {_type_name(tp).replace('bool', 'true|false')}, got {value!r}")
+        raise ConfigError(f"{key}: expected {type_name(tp).replace('bool', 'true|false')}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -688,7 +689,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
+        return build_section(tp, value, key)
     if tp is dict or origin is dict:  # free-form JSON (a request's extra fields): checked as JSON only
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -727,10 +728,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+    raise ConfigError(f"{key}: unsupported type {type_name(tp)}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build_section(cls: type, data: dict, prefix: str = "") -> Any:
+    """The config dataclass `cls` from a YAML mapping, each value checked; `prefix` names it in errors."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -763,7 +765,7 @@ def config_from_dict(data: dict) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping")
-    return _build(Config, data)
+    return build_section(Config, data)
 
 
 def check_judge(name: str, rc: RankConfig) -> None:
@@ -898,5 +900,5 @@ def describe_options(cls: type = Config, prefix: str = "", default_obj: Any = No
         if dataclasses.is_dataclass(tp):
             rows.extend(describe_options(tp, key + ".", getattr(default_obj, f.name)))
             continue
-        rows.append((key, _type_name(tp), repr(getattr(default_obj, f.name)), docs.get(f.name, "")))
+        rows.append((key, type_name(tp), repr(getattr(default_obj, f.name)), docs.get(f.name, "")))
     return rows

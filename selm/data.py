@@ -43,7 +43,12 @@ def iter_rows(path: str | Path, split: str | None = None, split_key: str = "data
     from selm import hub
 
     if not Path(path).exists() and hub.is_repo_id(str(path)):
-        name, ds = hub.load_dataset_split(str(path), split, revision, split_key)
+        import datasets
+
+        ds, name = hub.load_dataset(str(path), split, revision), split or ""
+        if isinstance(ds, datasets.DatasetDict):  # several splits and none named is refused, as for a folder
+            name = _pick_split(Path(path), list(ds), split, split_key)
+            ds = ds[name]
         for i, row in enumerate(ds):
             yield f"{path}{'[' + name + ']' if name else ''} row {i}", dict(row)
         return
@@ -270,3 +275,38 @@ def _slices(train: list[dict], iterations: int, slices: str, per_iteration: int 
         parts.append(train[start:end])
         start = end
     return parts
+
+
+def split_from_config(cfg, kept: list[list[dict]] | None = None) -> tuple[list[list[dict]], list[dict]]:
+    """The run's training slices and held-out prompts, from the prompt files `cfg` (a Config) names.
+    `kept`: the slices the run already has, which stay (split_prompts)."""
+    from selm.config import ConfigError
+
+    d = cfg.data
+    if not d.prompts:
+        raise ConfigError("data.prompts: required to run the loop")
+    prompts = load_prompts(d.prompts, d.prompt_field, d.split, "data.split", d.revision)
+    # eval_split without eval_prompts: the held-out prompts are another split of the same folder.
+    eval_source = d.eval_prompts or (d.prompts if d.eval_split else None)
+    eval_rows = (load_prompts(eval_source, d.prompt_field, d.eval_split, "data.eval_split", d.revision)
+                 if eval_source else None)
+    slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=d.eval_size,
+                                 max_prompts=d.max_prompts, slices=d.slices, shuffle=d.shuffle,
+                                 seed=cfg.seed, has_eval_file=eval_rows is not None,
+                                 per_iteration=d.prompts_per_iteration, kept=kept)
+    if eval_rows is not None:
+        train_ids = {r["prompt_id"] for s in slices for r in s}
+        held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
+    if d.max_eval_prompts is not None:
+        held = held[:d.max_eval_prompts]
+    return slices, held
+
+
+def write_split(d: Path, slices: list[list[dict]], held: list[dict]) -> None:
+    """The run's data/ folder: train_<t>.jsonl per iteration, eval.jsonl, and its done-marker last."""
+    from selm.io import atomic_write_jsonl, mark_done
+
+    for t, part in enumerate(slices, 1):
+        atomic_write_jsonl(d / f"train_{t}.jsonl", part)
+    atomic_write_jsonl(d / "eval.jsonl", held)
+    mark_done(d, {"train_slices": [len(s) for s in slices], "eval": len(held)})

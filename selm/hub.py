@@ -64,23 +64,17 @@ def model_dir(name: str, key: str, revision: str | None = None) -> Path:
                              f"hub failed ({_first_line(e)})") from None
 
 
-def load_dataset_split(name: str, split: str | None, revision: str | None, split_key: str):
-    """(the split's name or "", the rows as a `datasets.Dataset`) of a hub dataset, loaded (and
-    cached) by `datasets.load_dataset`. Several splits and none named is refused, as for a folder."""
+def load_dataset(name: str, split: str | None, revision: str | None):
+    """A hub dataset as `datasets.load_dataset` gives it (a Dataset, or a DatasetDict when no split is
+    named), downloaded (and cached) on the main rank first."""
     if offline():
         raise InputError(f"{name}: not a local file or folder (HF_HUB_OFFLINE=1: hub datasets are not downloaded)")
     import datasets
 
-    from selm.data import _pick_split
-
     with dist.main_first():
         try:
-            ds = datasets.load_dataset(name, split=split, revision=revision)
+            return datasets.load_dataset(name, split=split, revision=revision)
         except Exception as e:
             at = f" at revision {revision!r}" if revision else ""
             raise InputError(f"{name}: not a local file or folder, and loading it{at} from the Hugging Face hub "
                              f"failed ({_first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        split = _pick_split(Path(name), list(ds), split, split_key)
-        ds = ds[split]
-    return split or "", ds

@@ -25,10 +25,8 @@ from selm import dist
 from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
 from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
                      is_done_everywhere, mark_done, on_main, read_json)
-
-
-def stage_dir(out: Path, t: int, stage: str) -> Path:
-    return Path(out) / f"iter_{t}" / stage
+from selm.data import split_from_config, write_split
+from selm.layout import STAGES, model_dir, stage_dir
 
 
 def preflight(cfg: Config, out: Path | None = None) -> None:
@@ -41,7 +39,7 @@ def preflight(cfg: Config, out: Path | None = None) -> None:
 
     check_for_loop(cfg)
     if out is None or not is_done(Path(out) / "data"):
-        _load_split(cfg)
+        split_from_config(cfg)
     check_model_source(cfg.model)
     judges = [("rank", cfg.rank)] + ([("evaluate.judge", cfg.evaluate.judge)] if cfg.evaluate.enabled else [])
     for key, rc in judges:
@@ -124,7 +122,7 @@ def model_for_iteration(cfg: Config, out: Path, t: int) -> Path:
     prev = stage_dir(out, t - 1, "train")
     if not is_done_everywhere(prev):
         raise InputError(f"{prev}: not finished; iteration {t} starts from iteration {t - 1}'s model")
-    return prev / "model"
+    return model_dir(out, t - 1)
 
 
 def prepare_data(cfg: Config, out: Path) -> Path:
@@ -133,40 +131,8 @@ def prepare_data(cfg: Config, out: Path) -> Path:
     return d
 
 
-def _load_split(cfg: Config, kept: list[list[dict]] | None = None) -> tuple[list[list[dict]], list[dict]]:
-    """The run's training slices and held-out prompts, from the prompt files the config names.
-    `kept`: the slices the run already has, which stay (data.split_prompts)."""
-    from selm.data import load_prompts, split_prompts
-
-    d = cfg.data
-    if not d.prompts:
-        raise ConfigError("data.prompts: required to run the loop")
-    prompts = load_prompts(d.prompts, d.prompt_field, d.split, "data.split", d.revision)
-    # eval_split without eval_prompts: the held-out prompts are another split of the same folder.
-    eval_source = d.eval_prompts or (d.prompts if d.eval_split else None)
-    eval_rows = (load_prompts(eval_source, d.prompt_field, d.eval_split, "data.eval_split", d.revision)
-                 if eval_source else None)
-    slices, held = split_prompts(prompts, iterations=cfg.loop.iterations, eval_size=d.eval_size,
-                                 max_prompts=d.max_prompts, slices=d.slices, shuffle=d.shuffle,
-                                 seed=cfg.seed, has_eval_file=eval_rows is not None,
-                                 per_iteration=d.prompts_per_iteration, kept=kept)
-    if eval_rows is not None:
-        train_ids = {r["prompt_id"] for s in slices for r in s}
-        held = [r for r in eval_rows if r["prompt_id"] not in train_ids]  # held-out means held out
-    if d.max_eval_prompts is not None:
-        held = held[:d.max_eval_prompts]
-    return slices, held
-
-
 def _split_data(cfg: Config, d: Path) -> None:
-    write_split(d, *_load_split(cfg))
-
-
-def write_split(d: Path, slices: list[list[dict]], held: list[dict]) -> None:
-    for t, part in enumerate(slices, 1):
-        atomic_write_jsonl(d / f"train_{t}.jsonl", part)
-    atomic_write_jsonl(d / "eval.jsonl", held)
-    mark_done(d, {"train_slices": [len(s) for s in slices], "eval": len(held)})
+    write_split(d, *split_from_config(cfg))
 
 
 def _seed(cfg: Config, t: int) -> int:
@@ -230,7 +196,7 @@ ITERATION_STAGES = {
     "pair": Stage("rank", _pair),
     "train": Stage("pair", _train, resumes=True),
 }
-STAGES = (*ITERATION_STAGES, "evaluate")
+assert STAGES == (*ITERATION_STAGES, "evaluate")  # layout.STAGES names them for readers
 
 
 def stage_count(cfg: Config) -> int:
@@ -283,7 +249,7 @@ def _evaluate(cfg: Config, out: Path, t: int) -> dict:
             train = stage_dir(out, t, "train")
             if not is_done_everywhere(train):
                 raise InputError(f"{train}: not finished; nothing to evaluate for iteration {t}")
-            model = train / "model"
+            model = model_dir(out, t)
             baselines = {"start": _evaluated(cfg, out, 0)}
             if t > 1:
                 baselines["previous"] = _evaluated(cfg, out, t - 1)
@@ -345,112 +311,3 @@ def summarize(out: Path, iterations: int) -> dict:
             row["pairs"] = read_json(pair).get("pairs")
         rows.append(row)
     return {"iterations": rows}
-
-
-def status(out: Path) -> list[tuple[str, str, str]]:
-    """(what, state, detail) rows for a run folder (every stage), a study folder (every run of it) or
-    a standalone `selm train` folder."""
-    out = Path(out)
-    if (out / "study.json").is_file():
-        return _study_status(out)
-    if _is_training_folder(out):
-        return [("train", *_state(out)), ("model", "done" if is_done(out) else "pending", "" if not is_done(out)
-                 else f"{out / 'model'} (a standalone `selm train` folder)")]
-    if not (out / "config.yaml").is_file():
-        raise InputError(f"{out}: not a selm run folder (no config.yaml); `selm status` reads the folder given "
-                         "to `selm run --output-dir`, `selm train --output-dir`, `selm demo` or `selm sweep`")
-    from selm.config import config_from_dict
-
-    cfg = config_from_dict(load_yaml(out / "config.yaml"))
-    rows = [("data", *_state(out / "data"))]
-    for t, stage in _stages(cfg):
-        rows.append((f"iter_{t}/{stage}", *_state(stage_dir(out, t, stage))))
-    done = sum(r[1] == "done" for r in rows)
-    rows.append(("run", "done" if done == len(rows) else "not done", f"{done}/{len(rows)} stages done"))
-    return rows
-
-
-def _stages(cfg: Config) -> list[tuple[int, str]]:
-    """(iteration, stage) of every stage a full run executes, in order."""
-    out = [(0, "evaluate")] if cfg.evaluate.enabled else []
-    for t in range(1, cfg.loop.iterations + 1):
-        out += [(t, s) for s in STAGES if s != "evaluate" or cfg.evaluate.enabled]
-    return out
-
-
-def _is_training_folder(out: Path) -> bool:
-    """A standalone `selm train --output-dir` folder: training files and no run layout."""
-    from selm.stages.train import CHECKPOINT, METRICS, PARTIAL
-
-    if (out / "data").exists() or any(out.glob("iter_*")):
-        return False
-    return any((out / name).exists() for name in ("model", METRICS, PARTIAL, CHECKPOINT))
-
-
-def _study_status(out: Path) -> list[tuple[str, str, str]]:
-    """One row per run of a demo or sweep folder (study.json), from each run folder's stages."""
-    from selm.studies.study import Arm, arm_config
-
-    study = read_json(out / "study.json")
-    rows = []
-    for arm in study["arms"]:
-        for seed in study["seeds"]:
-            run = out / arm["name"] / f"seed_{seed}"
-            stages = [("data", run / "data")] + [(f"iter_{t}/{s}", stage_dir(run, t, s))
-                                                 for t, s in _stages(arm_config(study["base"], Arm(**arm), seed))]
-            states = [(name, _state(d)[0]) for name, d in stages]
-            done = sum(st == "done" for _, st in states)
-            failed = [name for name, st in states if st == "failed"]
-            state = "done" if done == len(states) else "failed" if failed else "pending" if not run.exists() else "not done"
-            detail = f"{done}/{len(states)} stages done" + (f"; {failed[0]} failed" if failed else "")
-            rows.append((f"{arm['name']}/seed_{seed}", state, detail))
-    report = out / "report.md"
-    rows.append(("report", "done" if report.is_file() else "pending", str(report) if report.is_file() else ""))
-    return rows
-
-
-def _state(sd: Path) -> tuple[str, str]:
-    """done | failed (FAILED.json: the error) | unfinished (what a killed or running stage left) | pending."""
-    from selm.io import FAILED_MARKER
-
-    if is_done(sd):
-        info = read_json(sd / DONE_MARKER)
-        keys = ("pairs", "ties_dropped", "prompts", "steps", "gold_mean", "samples", "scored", "skipped")
-        detail = ", ".join(f"{k}={info[k]:.4g}" if isinstance(info[k], float) else f"{k}={info[k]}"
-                           for k in keys if k in info)
-        return "done", detail
-    if (sd / FAILED_MARKER).is_file():
-        return "failed", f"{read_json(sd / FAILED_MARKER).get('error', '')} (fix it and re-run)"
-    if sd.exists():
-        progress = _training_progress(sd)
-        if progress:
-            return "unfinished", progress
-        if sd.name == "train":  # the reference cache, if written, is kept
-            return "unfinished", "stopped or running before its first step; a re-run starts the training"
-        return "unfinished", "stopped or running; a re-run redoes it"
-    return "pending", ""
-
-
-def _training_progress(sd: Path) -> str:
-    """"step 5/8 logged, checkpoint at step 4; a re-run resumes there" for a training folder."""
-    import json
-
-    from selm.stages.train import CHECKPOINT, PARTIAL
-
-    parts = []
-    metrics = sd / PARTIAL
-    if metrics.is_file():
-        lines = [l for l in metrics.read_text(encoding="utf-8").splitlines() if l.strip()]
-        try:
-            last = json.loads(lines[-1]) if lines else None
-        except json.JSONDecodeError:  # a line cut by a kill
-            last = json.loads(lines[-2]) if len(lines) > 1 else None
-        if last and "step" in last:
-            total = f"/{last['total_steps']}" if "total_steps" in last else ""
-            parts.append(f"step {last['step']}{total} logged")
-    ck = sd / CHECKPOINT / "state.json"
-    if ck.is_file():
-        parts.append(f"checkpoint at step {read_json(ck)['step']}; a re-run resumes there")
-    elif parts:
-        parts.append("no checkpoint yet; a re-run starts the training over")
-    return ", ".join(parts)

@@ -218,14 +218,14 @@ def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool =
 
     check_safetensors(path)
     quiet_transformers()
-    with nullcontext() if for_training else _whole_weights():
+    with nullcontext() if for_training else whole_weights():
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
         )
 
 
 @contextmanager
-def _whole_weights():
+def whole_weights():
     """Hide transformers' DeepSpeed ZeRO-3 setting (set once a ZeRO-3 training stage ran in this
     process) for the duration of a load. It lives in a module global; there is no public switch."""
     from transformers.integrations import deepspeed as hf_ds

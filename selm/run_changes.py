@@ -77,7 +77,7 @@ def plan(old: Config, new: Config, out: Path) -> tuple[list[tuple[str, str]], tu
     """The stage folders of `out` to redo under `new` as (folder, why), in run order, and the new
     data split to write (None: the split on disk stands). Raises ConfigError when `new` would
     shrink the run under its existing iterations or when the prompts left cannot fill new slices."""
-    from selm.loop import STAGES, stage_dir
+    from selm.layout import STAGES, stage_dir
 
     out = Path(out)
     later = sorted(int(p.name[5:]) for p in out.glob("iter_*") if p.name[5:].isdigit() and int(p.name[5:]) > new.loop.iterations)
@@ -112,7 +112,7 @@ def apply(out: Path, redo: list[tuple[str, str]], split) -> None:
     """Remove the stage folders to redo (a training stage's checkpoint with them), then write the
     new split (data/DONE.json replaced last: a kill in between leaves the old count marked done,
     and the re-run plans again from there)."""
-    from selm.loop import write_split
+    from selm.data import write_split
 
     for folder, _ in redo:
         shutil.rmtree(Path(out) / folder)
@@ -132,7 +132,7 @@ def new_split(old: Config, new: Config, d: Path) -> tuple[list[list[dict]], list
     """The split `new` asks for. With the data settings and seed unchanged, the slices on disk stay
     and new ones (loop.iterations grown) take the training prompts no slice has yet; otherwise the
     split is made afresh (and the iterations whose slice changed are redone)."""
-    from selm.loop import _load_split
+    from selm.data import split_from_config
 
     same_data = old.seed == new.seed and config_to_dict(old.data) == config_to_dict(new.data)
-    return _load_split(new, kept=_on_disk(d)[0] if same_data else None)
+    return split_from_config(new, kept=_on_disk(d)[0] if same_data else None)

@@ -14,7 +14,7 @@ import pytest
 
 from selm.config import load_config
 from selm.engines import vllm_backend
-from selm.engines.generation import SamplingParams, encode_for_generation
+from selm.engines.sampling import SamplingParams, encode_for_generation
 from selm.engines.vllm_backend import GiB, engine_memory
 from selm.io import InputError
 

@@ -15,7 +15,7 @@ from helpers_cli import message_lines
 from selm.cli import main
 from selm.config import PairwiseEvalConfig, RankConfig
 from selm.engines.llm_pairwise import LLMPairwiseRanker, parse_verdict, probability_of_a
-from selm.engines.rankers import RankerError
+from selm.engines.ranker_base import RankerError
 from selm.io import InputError
 from selm.evaluation.outputs import load_eval_prompts
 from selm.evaluation.pairwise import run_pairwise
@@ -174,7 +174,7 @@ def test_timeouts_are_reported(judge_server, tmp_path):
 
 
 def test_llm_pairwise_as_a_ranker_aggregates_both_orders(judge_server):
-    from selm.engines.rankers import build_ranker
+    from selm.engines.registry import build_ranker
 
     s = judge_server(prefers_good(0.9))
     r = build_ranker(RankConfig(kind="llm_pairwise", url=s.url, judge_model="j"))
@@ -293,16 +293,16 @@ def test_a_judge_given_in_part_keeps_the_llm_pairwise_default():
 def test_model_sources_run_folder_iter_k_and_files(tmp_path, tiny_model_dir):
     import shutil
 
-    from selm.evaluation.outputs import resolve_model
+    from selm.evaluation.outputs import resolve_answer_source
 
     run = tmp_path / "run"
     for t in (1, 2):
         shutil.copytree(tiny_model_dir, run / f"iter_{t}" / "train" / "model")
     (run / "iter_1" / "train" / "DONE.json").write_text("{}")  # iteration 2 did not finish
-    assert resolve_model(str(run), "MODEL") == (run / "iter_1" / "train" / "model", "run/iter_1")
-    assert resolve_model(str(run / "iter_2"), "MODEL") == (run / "iter_2" / "train" / "model", "run/iter_2")
-    assert resolve_model(str(tiny_model_dir), "MODEL")[0] == tiny_model_dir
+    assert resolve_answer_source(str(run), "MODEL") == (run / "iter_1" / "train" / "model", "run/iter_1")
+    assert resolve_answer_source(str(run / "iter_2"), "MODEL") == (run / "iter_2" / "train" / "model", "run/iter_2")
+    assert resolve_answer_source(str(tiny_model_dir), "MODEL")[0] == tiny_model_dir
     (tmp_path / "answers.jsonl").write_text("{}\n")
-    assert resolve_model(str(tmp_path / "answers.jsonl"), "MODEL") is None
+    assert resolve_answer_source(str(tmp_path / "answers.jsonl"), "MODEL") is None
     with pytest.raises(InputError, match=r"^--baseline: .*not a model folder"):
-        resolve_model(str(tmp_path), "--baseline")
+        resolve_answer_source(str(tmp_path), "--baseline")

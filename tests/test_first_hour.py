@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from selm import loop
+from selm import layout, loop, status
 from selm.cli import main
 from selm.config import config_from_dict, config_to_dict, load_config, save_config
 from selm.config import ConfigError
+from selm.data import split_from_config
 from selm.io import InputError
 from selm.io import ensure_stage, mark_done
 
@@ -129,7 +130,7 @@ def test_a_datasets_folder_with_several_splits_is_named_not_guessed(tmp_path):
     assert len(load_pairs(folder / "test_prefs", need_exploration=False)) == 4
     # The loop: training prompts from one split, held-out prompts from another of the same folder.
     cfg = load_config(TINY, [f"data.prompts={folder}", "data.split=train_prefs", "data.eval_split=test_prefs"])
-    slices, held = loop._load_split(cfg)
+    slices, held = split_from_config(cfg)
     assert sorted(r["prompt"][0]["content"] for s in slices for r in s) == sorted(f"prefs {i}" for i in range(12))
     assert sorted(r["prompt"][0]["content"] for r in held) == [f"test {i}" for i in range(4)]
 
@@ -140,7 +141,7 @@ def _done(folder: Path, **info) -> None:
 
 
 def _status(out: Path) -> dict:
-    return {name: (state, detail) for name, state, detail in loop.status(out)}
+    return {name: (state, detail) for name, state, detail in status.status(out)}
 
 
 def test_status_after_a_stage_by_stage_run_is_done(tmp_path):
@@ -148,8 +149,8 @@ def test_status_after_a_stage_by_stage_run_is_done(tmp_path):
     cfg = load_config(TINY)
     save_config(cfg, out / "config.yaml")
     _done(out / "data")
-    for t, stage in loop._stages(cfg):
-        _done(loop.stage_dir(out, t, stage))
+    for t, stage in status.run_stages(cfg):
+        _done(layout.stage_dir(out, t, stage))
     rows = _status(out)  # no run-level DONE.json: only `selm run` writes one
     assert rows["run"] == ("done", "12/12 stages done")
 

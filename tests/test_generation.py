@@ -17,8 +17,8 @@ from selm.io import atomic_write_jsonl
 from selm.chat import decode_response, end_of_turn_ids
 from selm.config import load_config
 from selm.stages.generate import run_generate
-from selm.engines.generation import (HFGenerator, SamplingParams, decode_batch, encode_for_generation, generate, mix64,
-                             next_tokens, stream_keys)
+from selm.engines.generation import HFGenerator, decode_batch, generate, next_tokens
+from selm.engines.sampling import SamplingParams, encode_for_generation, mix64, stream_keys
 from selm.io import InputError
 from selm.models import load_causal_lm, load_tokenizer
 

@@ -70,8 +70,9 @@ def test_offline_reads_the_cache_only_with_one_line(monkeypatch, downloads, tiny
 
 def test_reward_model_and_pairrm_by_hub_id(online, downloads, tmp_path):
     from selm.engines.pairrm import load_pairrm
-    from selm.engines.rankers import RewardModelRanker, build_ranker
-    from selm.tiny import save_tiny_pairrm
+    from selm.engines.rankers import RewardModelRanker
+    from selm.engines.registry import build_ranker
+    from helpers_pairrm import save_tiny_pairrm
     from test_rankers import _save_reward_model
 
     downloads["folders"]["org/rm"] = _save_reward_model(tmp_path / "rm", None)
@@ -147,11 +148,11 @@ def test_offline_never_loads_a_hub_dataset(monkeypatch, hub_datasets):
 
 def test_a_run_config_names_a_hub_dataset(online, hub_datasets):
     from selm.config import load_config
-    from selm.loop import _load_split
+    from selm.data import split_from_config
 
     cfg = load_config(None, ["data.prompts=HuggingFaceH4/ultrafeedback_binarized", "data.split=train_prefs",
                              "data.revision=r2", "loop.iterations=2", "data.eval_size=2"])
-    slices, held = _load_split(cfg)
+    slices, held = split_from_config(cfg)
     assert sum(map(len, slices)) + len(held) == 6
     assert hub_datasets == [("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "r2")]
 

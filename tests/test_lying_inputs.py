@@ -11,7 +11,8 @@ import pytest
 from selm.cli import main
 from selm.config import RankConfig
 from selm.data import load_pairs
-from selm.engines.rankers import RankerError, build_ranker
+from selm.engines.ranker_base import RankerError
+from selm.engines.registry import build_ranker
 from selm.evaluation.winrate import lc_win_rate
 from selm.io import InputError, atomic_write_jsonl
 

@@ -16,10 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from selm.config import ConfigError, RankConfig, check_for_loop, config_from_dict
 from selm.engines import pairrm as pr
-from selm.engines.rankers import PairRMRanker, RankerError, build_ranker
+from selm.engines.ranker_base import RankerError
+from selm.engines.rankers import PairRMRanker
+from selm.engines.registry import build_ranker
 from selm.io import InputError, atomic_write_jsonl
 from selm.stages.rank import run_rank
-from selm.tiny import build_tiny_tokenizer, save_tiny_pairrm, tiny_deberta_config
+from selm.tiny import build_tiny_tokenizer
+
+from helpers_pairrm import save_tiny_pairrm, tiny_deberta_config
 
 CANDS = ["The capital of France is Paris.", "paris", "I do not know, sorry!!", "Lyon? Marseille? Paris."]
 

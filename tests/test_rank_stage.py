@@ -11,7 +11,7 @@ import pytest
 from selm.config import Config, RankConfig
 from selm.io import InputError, read_json, read_jsonl
 from selm.stages.rank import run_rank
-from selm.engines.rankers import RankerError
+from selm.engines.ranker_base import RankerError
 
 HERE = Path(__file__).parent
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from selm.config import RankConfig
-from selm.engines.rankers import (HttpJudgeRanker, PairwiseRanker, RankerError, RewardModelRanker, build_ranker,
-                          parse_rating)
+from selm.engines.ranker_base import RankerError, score_in_chunks
+from selm.engines.rankers import HttpJudgeRanker, PairwiseRanker, RewardModelRanker, parse_rating
+from selm.engines.registry import build_ranker
 
 HERE = Path(__file__).parent
 P = [{"role": "user", "content": "hi"}]
@@ -43,6 +44,25 @@ def test_bad_callable_path_names_the_key(spec, message):
     assert str(e.value).startswith(message)
     with pytest.raises(RankerError, match=r"^evaluate\.judge\.callable: "):
         build_ranker(RankConfig(kind="pairwise", callable=spec), key="evaluate.judge")
+
+
+def test_score_in_chunks_keeps_order_and_pins_a_failure_on_its_prompt():
+    """Chunks of 2 over 5 prompts; prompt p3 makes the ranker fail. on_error None: the chunk's error
+    as it is; "skip": p3's reason in its place and every other prompt scored, in input order;
+    "fail": the one-prompt error, naming p3."""
+    r = build_ranker(RankConfig(kind="callable", callable="helpers_rank:length_score"))
+    texts = ["a", "b", "c", "RAISE", "e"]
+    prompts = [[{"role": "user", "content": t}] for t in texts]
+    cands = [["x" * (i + 1)] for i in range(5)]
+    ids = [f"p{i}" for i in range(5)]
+    with pytest.raises(RankerError, match="raised ValueError: boom"):
+        score_in_chunks(r, prompts, cands, ids, chunk_size=2)
+    out = score_in_chunks(r, prompts, cands, ids, chunk_size=2, on_error="skip")
+    assert out[:3] == [[1.0], [2.0], [3.0]] and out[4] == [5.0]
+    assert isinstance(out[3], str) and "p3" in out[3]
+    with pytest.raises(RankerError, match="'p3'"):
+        score_in_chunks(r, prompts, cands, ids, chunk_size=2, on_error="fail")
+    assert score_in_chunks(r, prompts[:3], cands[:3], chunk_size=2) == [[1.0], [2.0], [3.0]]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -299,7 +319,7 @@ def test_reward_model_loads_whole_on_the_process_device(reward_models, monkeypat
     from selm.engines.rankers import scoring_dtype
 
     state = {"guarded": False, "loads": []}
-    real_guard = models._whole_weights
+    real_guard = models.whole_weights
 
     @contextlib.contextmanager
     def guard():
@@ -318,7 +338,7 @@ def test_reward_model_loads_whole_on_the_process_device(reward_models, monkeypat
         state["loads"].append((state["guarded"], kwargs["dtype"]))
         return real_load(cls, *args, **kwargs)
 
-    monkeypatch.setattr(models, "_whole_weights", guard)
+    monkeypatch.setattr(models, "whole_weights", guard)
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", classmethod(load))
     monkeypatch.setattr(models, "default_device", lambda: torch.device("meta"))
     r = _rm(reward_models["plain"])

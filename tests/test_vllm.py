@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from selm.config import load_config
-from selm.engines.generation import SamplingParams, build_generator
+from selm.engines.generation import build_generator
+from selm.engines.sampling import SamplingParams
 from selm.io import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,8 @@ def save_stopping_tiny(path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from selm.engines.generation import decode_batch, encode_for_generation
+    from selm.engines.generation import decode_batch
+    from selm.engines.sampling import encode_for_generation
     from selm.models import load_tokenizer
     from selm.tiny import save_tiny
 
@@ -101,7 +103,7 @@ def test_backend_keys_are_validated():
 def test_greedy_equals_hf_and_samples_are_seeded_per_request(model_dir):
     """One engine: greedy rows equal the "hf" backend token for token (text, length, finished);
     sampled rows have the right counts and flags; a request's result does not depend on its batch."""
-    from selm.engines.generation import encode_for_generation
+    from selm.engines.sampling import encode_for_generation
     from selm.engines.vllm_backend import VLLMGenerator, engine_requests, run_engine
 
     params = SamplingParams(num_samples=2, temperature=1.0, max_new_tokens=16, include_greedy=True, seed=3)

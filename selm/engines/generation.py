@@ -16,99 +16,22 @@ size, batch composition or on how many other samples were asked for (up to float
 batched forward), and asking for k+1 samples returns the same first k.
 
 A backend is anything with `generate(prompts, params, progress) -> list[list[Sample]]`
-(`Generator`); `build_generator` picks one by name ("hf" here, "vllm" in vllm_backend.py).
+(`Generator`, in sampling.py with the sampling settings and random streams both backends share);
+`build_generator` picks one by name ("hf" here, "vllm" in vllm_backend.py).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 from selm import dist
-from selm.chat import Messages, decode_response, encode_prompt, end_of_turn_ids, normalize_prompt, truncate_prompt
-from selm.config import check_sampling
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    num_samples: int = 1
-    """Sampled responses per prompt (temperature/top_p); 0 for none."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int
-    include_greedy: bool = False
-    """Also return one greedy response per prompt, after the samples (it shares their prefill)."""
-    seed: int = 0
-
-    def __post_init__(self):
-        check_sampling("", num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,
-                       max_new_tokens=self.max_new_tokens, sampled_by="num_samples > 0" if self.num_samples else None)
-        if self.num_samples + self.include_greedy == 0:
-            raise ValueError("num_samples: must be >= 1 unless include_greedy")
-
-    @property
-    def rows_per_prompt(self) -> int:
-        return self.num_samples + int(self.include_greedy)
-
-
-class Sample(NamedTuple):
-    text: str
-    """The decoded response, cut before the end-of-turn token."""
-    num_tokens: int
-    """Generated tokens, end-of-turn token excluded."""
-    finished: bool
-    """True if the model ended its turn; False if max_new_tokens cut it."""
-
-
-class Generator(Protocol):
-    def generate(self, prompts: Sequence[Messages | str], params: SamplingParams,
-                 progress: str | None = None) -> list[list[Sample]]:
-        """One list per prompt, in input order: params.num_samples samples, then the greedy one."""
-        ...
-
-
-# --------------------------------------------------------------------------------------------
-# Counter-based random numbers: a stateless function of integer keys, vectorised over rows.
-
-_M64 = (1 << 64) - 1
-
-
-def _i64(c: int) -> int:
-    """An unsigned 64-bit constant as the signed int64 torch stores."""
-    c &= _M64
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_GOLDEN, _MUL1, _MUL2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; mask off the copied sign bits for a logical shift.
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2**64)."""
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MUL1
-    z = (z ^ _shr(z, 27)) * _MUL2
-    return z ^ _shr(z, 31)
-
-
-def stream_keys(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-    """One key per row, from (seed, original prompt index, sample index). Shape: (N,) int64."""
-    s = mix64(torch.tensor(_i64(seed), dtype=torch.int64))
-    return mix64(mix64(s ^ prompt_index) ^ sample_index)
-
-
-def uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
-    """A uniform in [0, 1) per row for decoding step `step`. Shape: (N,) float64 (53 random bits)."""
-    bits = _shr(mix64(keys ^ step), 11)
-    return bits.to(torch.float64) * (2.0 ** -53)
+from selm.chat import Messages, decode_response, end_of_turn_ids
+from selm.config import Config
+from selm.engines.sampling import Generator, Sample, SamplingParams, encode_for_generation, stream_keys, uniforms
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,14 +230,6 @@ def decode_batch(model, prompt_ids: Sequence[Sequence[int]], prompt_index: Seque
 # The Hugging Face backend
 
 
-def encode_for_generation(tokenizer, prompts: Sequence[Messages | str],
-                          max_prompt_length: int | None = None) -> list[list[int]]:
-    """Chat-template token ids of each prompt (with the assistant generation prompt), cut as
-    training cuts them when max_prompt_length is given (chat.truncate_prompt)."""
-    return [truncate_prompt(encode_prompt(tokenizer, normalize_prompt(p, where=f"prompts[{i}]")), max_prompt_length)
-            for i, p in enumerate(prompts)]
-
-
 class HFGenerator:
     """Our decoding loop over an already-loaded Hugging Face causal LM (on any device)."""
 
@@ -382,6 +297,23 @@ def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_r
     if device is None:
         device = default_device()
     return HFGenerator(model.to(device), tokenizer, batch_size, max_prompt_length)
+
+
+def generator_from_config(cfg: Config, model_path: str | Path, *, batch_size: int, cut_prompts: bool = True
+                          ) -> Generator:
+    """The generation engine of the generate, evaluate and mtbench stages over `model_path`: the
+    generate section's backend and engine settings, in generate.dtype, with the caller's batch size;
+    with cut_prompts, prompts longer than train.max_prompt_length are cut as training cuts them (the
+    policy is trained on the prompt it answered)."""
+    from selm.models import default_device
+    from selm.precision import generation_dtype
+
+    g = cfg.generate
+    return build_generator(g.backend, model_path, dtype=generation_dtype(g.dtype, cfg.model.dtype, default_device()),
+                           trust_remote_code=cfg.model.trust_remote_code, batch_size=batch_size,
+                           tensor_parallel_size=g.tensor_parallel_size,
+                           gpu_memory_utilization=g.vllm_gpu_memory_utilization, enforce_eager=g.vllm_enforce_eager,
+                           max_prompt_length=cfg.train.max_prompt_length if cut_prompts else None)
 
 
 def generate_samples(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from selm.chat import Messages
 from selm.config import RankConfig
-from selm.engines.rankers import Ranker, RankerError, _where, chat_client
+from selm.engines.ranker_base import Ranker, RankerError, chat_client, prompt_where
 
 PAIRWISE_SYSTEM = (
     "You compare two AI assistant responses to the same conversation and decide which one serves the "
@@ -93,7 +93,7 @@ class LLMPairwiseRanker(Ranker):
         if n == 1:
             return [0.5]
         pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
-        verdicts = self.judge([(prompt, responses[a], responses[b], f"{_where(ids, i)}, candidates {(a, b)}")
+        verdicts = self.judge([(prompt, responses[a], responses[b], f"{prompt_where(ids, i)}, candidates {(a, b)}")
                                for a, b in pairs])
         for v in verdicts:
             if isinstance(v, RankerError):

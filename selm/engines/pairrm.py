@@ -87,7 +87,8 @@ def source_text(prompt: Messages) -> str:
     return "\n".join(f"{m['role'].upper()}: {m['content']}" for m in prompt)
 
 
-def _build_module(config, n_tasks: int, dropout: float):
+def build_pairrm_module(config, n_tasks: int, dropout: float):
+    """PairRM's torch module (DeBERTa-v2 encoder + pairwise head) for a DeBERTa-v2 `config`, randomly initialised."""
     import torch
     from torch import nn
     from transformers import DebertaV2Model
@@ -187,7 +188,7 @@ class PairRM:
         quiet_transformers()
         self.tokenizer = self._tokenizer(path, key)
         self.marker_ids = self._marker_ids(config, key, path)
-        module = _build_module(config, n_tasks, dropout)
+        module = build_pairrm_module(config, n_tasks, dropout)
         missing, unexpected = module.load_state_dict(state, strict=False)
         # Older transformers saved the position_ids buffer; it carries no weights.
         unexpected = [k for k in unexpected if not k.endswith("position_ids")]

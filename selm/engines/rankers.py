@@ -23,94 +23,23 @@ One interface, six implementations chosen by ``RankConfig.kind``::
                   responses, aggregated like "pairwise" (selm/engines/llm_pairwise.py).
 
 Every ranker's output is checked: one finite score per candidate, else ``RankerError`` naming the
-prompt. Errors are one line that starts with the config key ("rank" or "evaluate.judge").
+prompt. Errors are one line that starts with the config key ("rank" or "evaluate.judge"). The base
+class is in ranker_base.py; ``build_ranker`` in registry.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 from selm.chat import Messages, has_chat_template, plain_prompt
 from selm.config import RankConfig
+from selm.engines.ranker_base import Ranker, RankerError, as_score, chat_client, prompt_where
 from selm.io import InputError
-
-
-class RankerError(InputError):
-    """A ranker failed or returned bad scores. It is an InputError so that the CLI prints it on one
-    line; the rank stage catches it (and only it) when ``on_error: skip``."""
-
-
-def _where(ids: Sequence[Any] | None, i: int) -> str:
-    return f"prompt_id {ids[i]!r}" if ids is not None else f"prompt {i}"
-
-
-class Ranker:
-    """Base class. Subclasses implement ``_score_prompt`` (one prompt) or override ``_score_batch``
-    (many prompts in one go, e.g. a model forward pass)."""
-
-    def __init__(self, cfg: RankConfig, key: str = "rank"):
-        self.cfg = cfg
-        self.key = key
-
-    def score(self, prompts: list[Messages], candidates: list[list[str]],
-              ids: Sequence[Any] | None = None) -> list[list[float]]:
-        """Shapes: prompts (P,), candidates (P, n_p) -> scores (P, n_p) as Python floats.
-        ``ids`` (P,) only serve error messages ("prompt_id 'x'" rather than "prompt 3")."""
-        if len(prompts) != len(candidates):
-            raise RankerError(f"{self.key}: {len(prompts)} prompts but {len(candidates)} candidate lists")
-        raw = self._score_batch(prompts, candidates, ids)
-        if len(raw) != len(prompts):
-            raise RankerError(f"{self.key}: ranker returned {len(raw)} score lists for {len(prompts)} prompts")
-        return [self._check(s, len(c), ids, i) for i, (s, c) in enumerate(zip(raw, candidates))]
-
-    def _score_batch(self, prompts, candidates, ids) -> list[list[float]]:
-        return [self._score_prompt(p, c, ids, i) for i, (p, c) in enumerate(zip(prompts, candidates))]
-
-    def _score_prompt(self, prompt: Messages, responses: list[str], ids, i: int) -> list[float]:
-        raise NotImplementedError
-
-    def _check(self, scores: Any, n: int, ids, i: int) -> list[float]:
-        where = _where(ids, i)
-        try:
-            out = [as_score(s) for s in scores]
-        except (TypeError, ValueError):
-            raise RankerError(f"{self.key}: {where}: expected a list of numbers, got {scores!r:.80}") from None
-        if len(out) != n:
-            raise RankerError(f"{self.key}: {where}: {len(out)} scores for {n} candidates")
-        bad = [s for s in out if not math.isfinite(s)]
-        if bad:
-            raise RankerError(f"{self.key}: {where}: non-finite score {bad[0]}")
-        return out
-
-    def close(self) -> None:
-        """Release resources (model memory, connections). Safe to call twice."""
-
-    def __enter__(self) -> "Ranker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def as_score(value: Any) -> float:
-    """A score as a float: an int or float, or a NumPy or one-element torch number. A string is
-    refused even when it spells a number (a ranker returning text has a bug the score would hide),
-    and so is a bool (most often a comparison returned by mistake; return 0 or 1 if that is meant)."""
-    import numbers
-
-    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:  # a torch tensor
-        value = value.item()
-    elif hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "shape", None) == ():  # NumPy 0-d
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"expected a number, got {value!r:.40}")
-    return float(value)
 
 
 def import_function(spec: str | None, key: str) -> Callable:
@@ -167,7 +96,7 @@ class CallableRanker(Ranker):
             return self.fn(prompt, list(responses))
         except Exception as e:  # a user function's bug becomes a per-prompt error (skippable)
             raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} raised {type(e).__name__}: {e} "
-                              f"({_where(ids, i)})") from e
+                              f"({prompt_where(ids, i)})") from e
 
 
 class PairwiseRanker(Ranker):
@@ -188,15 +117,15 @@ class PairwiseRanker(Ranker):
             value = self.fn(prompt, a, b)
         except Exception as e:
             raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} raised {type(e).__name__}: {e} "
-                              f"({_where(ids, i)})") from e
+                              f"({prompt_where(ids, i)})") from e
         try:
             p = as_score(value)
         except TypeError:
             raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} returned {value!r:.40} for candidates {ij} "
-                              f"of {_where(ids, i)}; expected a probability in [0, 1] (a number)") from None
+                              f"of {prompt_where(ids, i)}; expected a probability in [0, 1] (a number)") from None
         if not 0.0 <= p <= 1.0:  # also rejects nan
             raise RankerError(f"{self.key}.callable: {self.cfg.callable!r} returned {p} for candidates {ij} of "
-                              f"{_where(ids, i)}; expected a probability in [0, 1]")
+                              f"{prompt_where(ids, i)}; expected a probability in [0, 1]")
         return p
 
     def _score_prompt(self, prompt, responses, ids, i):
@@ -249,7 +178,7 @@ class RewardModelRanker(Ranker):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from selm.models import (_whole_weights, check_safetensors, default_device, load_tokenizer, local_model_dir,
+        from selm.models import (whole_weights, check_safetensors, default_device, load_tokenizer, local_model_dir,
                                  quiet_transformers)
 
         if not cfg.model:
@@ -268,7 +197,7 @@ class RewardModelRanker(Ranker):
         self.device = default_device()
         # Whole weights even after a ZeRO-3 training stage in this process (it would load them
         # partitioned, and the forward fails); half precision on a GPU (a 7B model in fp32 is 28 GB).
-        with _whole_weights():
+        with whole_weights():
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=scoring_dtype(self.device)
             ).to(self.device).eval()
@@ -334,7 +263,7 @@ class RewardModelRanker(Ranker):
                     logits = self.model(input_ids=input_ids.to(self.device),
                                         attention_mask=mask.to(self.device)).logits  # (B, num_labels)
                 except Exception as e:
-                    where = ", ".join(_where(ids, i) for i in range(len(prompts)))
+                    where = ", ".join(prompt_where(ids, i) for i in range(len(prompts)))
                     raise RankerError(f"{self.key}.model: forward pass failed ({where}): {type(e).__name__}: {e}") from e
                 for b, k in enumerate(chunk):
                     flat[k] = float(logits[b, 0])
@@ -366,7 +295,7 @@ class PairRMRanker(Ranker):
         try:
             return self.pairrm.rank_scores([self._source(p) for p in prompts], candidates)
         except Exception as e:
-            where = ", ".join(_where(ids, i) for i in range(len(prompts)))
+            where = ", ".join(prompt_where(ids, i) for i in range(len(prompts)))
             raise RankerError(f"{self.key}.model: PairRM forward pass failed ({where}): {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
@@ -409,20 +338,6 @@ def render_conversation(prompt: Messages, response: str) -> str:
     return "\n\n".join(turns) + f"\n\n[Assistant's response to rate]\n{response}\n[End of response]"
 
 
-def chat_client(cfg: RankConfig, key: str, backoff_s: float):
-    """The ChatClient of an LLM judge (http_judge, llm_pairwise) from its rank settings."""
-    from selm.engines.llm_client import ChatClient, ChatError
-
-    if not cfg.url or not cfg.judge_model:
-        raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is {cfg.kind!r}")
-    try:
-        return ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                          max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency, backoff_s=backoff_s, key=key,
-                          extra_body=cfg.extra_body)
-    except ChatError as e:
-        raise RankerError(str(e)) from None
-
-
 class HttpJudgeRanker(Ranker):
     """Rates each (prompt, response) 1-10 with one request to ``{url}/chat/completions``, temperature 0,
     a whole batch at once with at most ``cfg.max_concurrency`` requests in flight (selm/engines/
@@ -449,7 +364,7 @@ class HttpJudgeRanker(Ranker):
         items = [(i, self._body(p, r)) for i, (p, cands) in enumerate(zip(prompts, candidates)) for r in cands]
         keys = [json.dumps(b, sort_keys=True) for _, b in items]
         todo = [k for k in range(len(items)) if keys[k] not in self._known]
-        replies = self.client.complete([items[k][1] for k in todo], where=[_where(ids, items[k][0]) for k in todo],
+        replies = self.client.complete([items[k][1] for k in todo], where=[prompt_where(ids, items[k][0]) for k in todo],
                                        return_exceptions=True)
         ratings: dict[int, float] = {k: self._known[keys[k]] for k in range(len(items)) if keys[k] in self._known}
         first_error: RankerError | None = None
@@ -459,7 +374,7 @@ class HttpJudgeRanker(Ranker):
                 continue
             rating = parse_rating(reply.text)
             if rating is None:
-                where = _where(ids, items[k][0])
+                where = prompt_where(ids, items[k][0])
                 first_error = first_error or RankerError(self.client.redact(
                     f"{self.key}: {where}: no 1-10 rating in the judge's reply {reply.text[:120]!r}"))
                 continue
@@ -473,18 +388,3 @@ class HttpJudgeRanker(Ranker):
             out.append([ratings[k + j] for j in range(len(cands))])
             k += len(cands)
         return out
-
-
-RANKERS = {"callable": CallableRanker, "reward_model": RewardModelRanker, "pairwise": PairwiseRanker,
-           "pairrm": PairRMRanker, "http_judge": HttpJudgeRanker}
-
-
-def build_ranker(cfg: RankConfig, key: str = "rank") -> Ranker:
-    """The ranker for ``cfg.kind``; ``key`` ("rank", "evaluate.judge") prefixes its error messages."""
-    if cfg.kind == "llm_pairwise":  # its module builds on this one's classes
-        from selm.engines.llm_pairwise import LLMPairwiseRanker
-
-        return LLMPairwiseRanker(cfg, key)
-    if cfg.kind not in RANKERS:
-        raise RankerError(f"{key}.kind: unknown ranker {cfg.kind!r}; one of {', '.join(RANKERS)}")
-    return RANKERS[cfg.kind](cfg, key)

@@ -56,7 +56,7 @@ def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A per-request seed (63 bits, non-negative) from the "hf" backend's stream key."""
     import torch
 
-    from selm.engines.generation import stream_keys
+    from selm.engines.sampling import stream_keys
 
     key = stream_keys(seed, torch.tensor([prompt_index]), torch.tensor([sample_index]))
     return int(key.item()) & ((1 << 63) - 1)
@@ -281,7 +281,7 @@ class VLLMGenerator:
                      "enforce_eager": enforce_eager, "stop_ids": self.stop_ids}
 
     def generate(self, prompts: Sequence[Messages | str], params, progress: str | None = None) -> list[list]:
-        from selm.engines.generation import Sample, encode_for_generation
+        from selm.engines.sampling import Sample, encode_for_generation
 
         encoded = encode_for_generation(self.tokenizer, prompts, self.max_prompt_length)
         mine = dist.shard(list(range(len(encoded))))
@@ -301,7 +301,7 @@ class VLLMGenerator:
         return [results[i] for i in range(len(encoded))]
 
     def _sample(self, ids: list[int], finish_reason: str):
-        from selm.engines.generation import Sample
+        from selm.engines.sampling import Sample
 
         stop = set(self.stop_ids)
         cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))

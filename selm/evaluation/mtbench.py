@@ -30,6 +30,7 @@ from typing import Any
 from selm.config import Config, ModelConfig
 from selm.io import (InputError, atomic_write_json, atomic_write_jsonl, ensure_stage, iter_jsonl, mark_done,
                      read_json, read_jsonl, sha256_file, sha256_json)
+from selm.layout import ITERATION_GLOB
 from selm.stats import grouped_bootstrap_ci, mean
 
 PACKAGED_QUESTIONS = Path(__file__).resolve().parent.parent / "data" / "mtbench_questions.jsonl"
@@ -128,7 +129,7 @@ def resolve_model(spec: str, cfg: Config) -> tuple[Path, str, Path]:
             return path, path.resolve().name if path.name != "model" else _label(path), path
         if (path / "model" / "config.json").is_file():
             return path / "model", _label(path / "model"), path
-        trained = sorted((d for d in path.glob("iter_*/train") if (d / "DONE.json").is_file()),
+        trained = sorted((d for d in path.glob(f"{ITERATION_GLOB}/train") if (d / "DONE.json").is_file()),
                          key=lambda d: int(d.parent.name.split("_")[1]) if d.parent.name[5:].isdigit() else -1)
         if not trained:
             raise InputError(f"model: {spec}: not a model folder (no config.json) nor a run folder with a finished "
@@ -170,19 +171,18 @@ def generation_settings(cfg: Config) -> dict:
 def generate_answers(cfg: Config, model_path: Path, questions: list[Question]) -> list[dict]:
     """The model's two answers per question: turn 2 is asked after its own turn-1 answer."""
     from selm.engines import generation
+    from selm.engines.sampling import SamplingParams
     from selm.models import set_threads
-    from selm.stages.generate import stage_generator
 
     m, g = cfg.mtbench, cfg.generate
     set_threads(g.num_threads)
     # Turn 2 holds the model's own first answer: not cut to training's prompt length.
-    generator = stage_generator(cfg, model_path, m.batch_size, cut_prompts=False)
+    generator = generation.generator_from_config(cfg, model_path, batch_size=m.batch_size, cut_prompts=False)
     greedy = m.temperature == 0
 
     def ask(conversations: list[list[dict]], turn: int) -> list:
-        params = generation.SamplingParams(num_samples=0 if greedy else 1, temperature=m.temperature, top_p=1.0,
-                                           max_new_tokens=m.max_new_tokens, include_greedy=greedy,
-                                           seed=cfg.seed + turn - 1)
+        params = SamplingParams(num_samples=0 if greedy else 1, temperature=m.temperature, top_p=1.0,
+                                max_new_tokens=m.max_new_tokens, include_greedy=greedy, seed=cfg.seed + turn - 1)
         return [row[0] for row in generator.generate(conversations, params, progress=f"mtbench: turn {turn}")]
 
     first = ask([[{"role": "user", "content": q.turns[0]}] for q in questions], 1)

@@ -120,12 +120,12 @@ def read_outputs(path: str | Path, prompts: list[dict], flag: str) -> tuple[list
     return out, names.pop() if len(names) == 1 else path.stem
 
 
-def resolve_model(source: str, flag: str) -> tuple[Path, str] | None:
+def resolve_answer_source(source: str, flag: str) -> tuple[Path, str] | None:
     """(model folder, name) for what `source` names, as `selm eval mtbench` reads a model (a model
     folder, a folder holding model/, a run folder: its last trained iteration, tiny, pypi:PACKAGE, a
     hub id in the local cache) plus a run's iter_k folder; None when it is a file of outputs."""
     from selm.config import Config
-    from selm.evaluation.mtbench import resolve_model as resolve
+    from selm.evaluation.mtbench import resolve_model
 
     path = Path(source).expanduser()
     if path.is_file():
@@ -133,7 +133,7 @@ def resolve_model(source: str, flag: str) -> tuple[Path, str] | None:
     if (path / "train" / "model" / "config.json").is_file():  # a run's iter_k folder
         return path / "train" / "model", f"{path.resolve().parent.name}/{path.resolve().name}"
     try:
-        folder, name, _ = resolve(source, Config())
+        folder, name, _ = resolve_model(source, Config())
     except InputError as e:
         if not path.exists() and not source.startswith("pypi:"):
             raise InputError(f"{flag}: {source!r} is neither a file of outputs nor a model folder "
@@ -146,7 +146,8 @@ def generate_outputs(folder: Path, prompts: list[dict], prompts_file: Path, sett
                      progress: str = "generate") -> tuple[list[str], bool]:
     """(one response per prompt; whether it came from the cache). `settings`: max_new_tokens,
     temperature, batch_size, dtype, seed."""
-    from selm.engines.generation import SamplingParams, build_generator
+    from selm.engines.generation import build_generator
+    from selm.engines.sampling import SamplingParams
     from selm.evaluation.mtbench import model_identity
     from selm.models import cache_root, set_threads
 

@@ -13,8 +13,9 @@ import random
 from pathlib import Path
 
 from selm.config import PairwiseEvalConfig, check_judge
-from selm.engines.rankers import RankerError, build_ranker
-from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, read_outputs, resolve_model,
+from selm.engines.ranker_base import RankerError
+from selm.engines.registry import build_ranker
+from selm.evaluation.outputs import (generate_outputs, load_eval_prompts, read_outputs, resolve_answer_source,
                                      write_alpaca_outputs)
 from selm.evaluation.winrate import lc_win_rate
 from selm.io import atomic_write_json, atomic_write_jsonl
@@ -25,7 +26,7 @@ KEY = "pairwise.judge"
 
 def answers(source: str, flag: str, prompts: list[dict], prompts_file: Path, cfg: PairwiseEvalConfig) -> tuple[list[str], str]:
     """(one answer per prompt, the generator's name) from an outputs file or by generating (cached)."""
-    model = resolve_model(source, flag)
+    model = resolve_answer_source(source, flag)
     if model is None:
         return read_outputs(source, prompts, flag)
     folder, name = model
@@ -67,18 +68,18 @@ def _llm_judgements(ranker, cfg: PairwiseEvalConfig, prompts, model_out, base_ou
 def _ranker_judgements(ranker, cfg: PairwiseEvalConfig, prompts, model_out, base_out) -> list[dict | str]:
     """Both answers scored as the rank stage scores candidates; "pairwise" gives P(model beats
     baseline) over both orders, a pointwise judge's higher score wins."""
-    from selm.stages.rank import PROMPTS_PER_CALL, _score_chunk
+    from selm.engines.ranker_base import score_in_chunks
+    from selm.stages.rank import PROMPTS_PER_CALL
 
-    records = [{"prompt_id": p["prompt_id"], "_messages": p["prompt"], "candidates": [m, b]}
-               for p, m, b in zip(prompts, model_out, base_out)]
+    results = score_in_chunks(ranker, [p["prompt"] for p in prompts], [[m, b] for m, b in zip(model_out, base_out)],
+                              [p["prompt_id"] for p in prompts], chunk_size=PROMPTS_PER_CALL, on_error=cfg.judge.on_error)
     out: list[dict | str] = []
-    for s in range(0, len(records), PROMPTS_PER_CALL):
-        for _, result in _score_chunk(ranker, records[s:s + PROMPTS_PER_CALL], cfg.judge.on_error):
-            if isinstance(result, str):
-                out.append(result)
-                continue
-            win = result[0] if cfg.judge.kind == "pairwise" else outcomes([result[0]], [result[1]])[0]
-            out.append({"model_win": float(win), "scores": {"model": result[0], "baseline": result[1]}})
+    for result in results:
+        if isinstance(result, str):
+            out.append(result)
+            continue
+        win = result[0] if cfg.judge.kind == "pairwise" else outcomes([result[0]], [result[1]])[0]
+        out.append({"model_win": float(win), "scores": {"model": result[0], "baseline": result[1]}})
     return out
 
 

@@ -275,3 +275,23 @@ def score_logps(
     finally:
         module.train(was_training)
     return out
+
+
+def model_logps(model_path, cfg, tokenize: Callable[[object], list[TokenizedExample]], *,
+                train_precision: bool) -> tuple[dict[str, torch.Tensor], list[TokenizedExample]]:
+    """Load the model at `model_path` (cfg.model's dtype and trust_remote_code) on the default device
+    (selm.models.default_device), tokenize with its tokenizer (`tokenize(tokenizer) -> examples`) and
+    score the examples as training scores its reference (score_logps, cfg.train's layout and
+    ref_batch_size). train_precision: forwards autocast as train.bf16 says, so the log-probs match
+    training's; else in the weights' own precision. Returns (score_logps's dict, the examples)."""
+    from selm.models import default_device, load_causal_lm, load_tokenizer
+    from selm.precision import autocast_dtype
+
+    device = default_device()
+    tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
+    examples = tokenize(tok)
+    lp = score_logps(ResponseLogps(model), examples, batch_size=cfg.train.ref_batch_size,
+                     collate=COLLATORS[cfg.train.layout], pad_id=tok.pad_token_id, device=device,
+                     autocast_dtype=autocast_dtype(cfg.train.bf16, device) if train_precision else None)
+    return lp, examples

@@ -18,19 +18,14 @@ from selm.io import InputError, atomic_write_json, atomic_write_jsonl, mark_done
 from selm.stats import bootstrap_ci, head_to_head, mean, preference_win_rate
 
 
-def score_responses(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-    from selm.engines.rankers import build_ranker
+def gold_scores(cfg: Config, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+    """The gold judge's (evaluate.judge) score of each prompt's one response."""
+    from selm.engines.ranker_base import score_in_chunks
+    from selm.engines.registry import build_ranker
 
-    step = 16
-    chunks = list(range(0, len(prompts), step))
-    scores: dict[int, list[float]] = {}
-    # Under several processes each rank scores every world-th chunk; merged in order on every rank.
     with build_ranker(cfg.evaluate.judge, key="evaluate.judge") as ranker:
-        for i in dist.shard(chunks):
-            out = ranker.score(prompts[i:i + step], [[r] for r in responses[i:i + step]])
-            scores[i] = [float(s[0]) for s in out]
-    scores = dist.merged(scores)
-    return [s for i in chunks for s in scores[i]]
+        scores = score_in_chunks(ranker, prompts, [[r] for r in responses], chunk_size=16)
+    return [float(s[0]) for s in scores]
 
 
 def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> dict:
@@ -45,9 +40,9 @@ def compare(rows: list[dict], baseline_dir: Path, samples: int, seed: int) -> di
 
 def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *,
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
-    from selm.engines.generation import SamplingParams
+    from selm.engines.generation import generator_from_config
+    from selm.engines.sampling import SamplingParams
     from selm.models import load_tokenizer, set_threads
-    from selm.stages.generate import stage_generator
 
     ev, gc = cfg.evaluate, cfg.generate
     set_threads(gc.num_threads)
@@ -55,14 +50,14 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     # The generate stage's backend (and its engine settings); evaluate's own batch size and limits.
-    generator = stage_generator(cfg, model_path, ev.batch_size)
+    generator = generator_from_config(cfg, model_path, batch_size=ev.batch_size)
     greedy = ev.temperature == 0
     params = SamplingParams(num_samples=0 if greedy else 1, temperature=ev.temperature, top_p=1.0,
                             max_new_tokens=ev.max_new_tokens, include_greedy=greedy, seed=seed)
     samples = [r[0] for r in generator.generate([p["prompt"] for p in prompts], params, progress="evaluate: generate")]
     del generator
     texts = [s.text for s in samples]
-    gold = score_responses(cfg, [p["prompt"] for p in prompts], texts)
+    gold = gold_scores(cfg, [p["prompt"] for p in prompts], texts)
     # finished=False: cut at evaluate.max_new_tokens before the end of turn.
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": s.text, "gold": g,
              "length_tokens": len(tokenizer(s.text, add_special_tokens=False)["input_ids"]), "finished": s.finished}

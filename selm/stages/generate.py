@@ -73,32 +73,17 @@ def candidates_of(row: dict, samples: list, y0, y0_source: str, cfg) -> tuple[li
     return cands, sources, finished
 
 
-def stage_generator(cfg: Config, model_path: Path, batch_size: int, *, cut_prompts: bool = True):
-    """The generation engine of the generate, evaluate and mtbench stages: generate.backend and its
-    engine settings, in generate.dtype; with cut_prompts, prompts longer than train.max_prompt_length
-    are cut as training cuts them (the policy is trained on the prompt it answered)."""
-    from selm.engines.generation import build_generator
-    from selm.models import default_device
-    from selm.precision import generation_dtype
-
-    gc = cfg.generate
-    return build_generator(gc.backend, model_path, dtype=generation_dtype(gc.dtype, cfg.model.dtype, default_device()),
-                           trust_remote_code=cfg.model.trust_remote_code, batch_size=batch_size,
-                           tensor_parallel_size=gc.tensor_parallel_size,
-                           gpu_memory_utilization=gc.vllm_gpu_memory_utilization, enforce_eager=gc.vllm_enforce_eager,
-                           max_prompt_length=cfg.train.max_prompt_length if cut_prompts else None)
-
-
 def run_generate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: Path, *, seed: int) -> dict:
     """Run the stage; returns the stats and timing (as written to DONE.json)."""
-    from selm.engines.generation import SamplingParams
+    from selm.engines.generation import generator_from_config
+    from selm.engines.sampling import SamplingParams
     from selm.models import set_threads
 
     gc = cfg.generate
     t_start = time.perf_counter()
     set_threads(gc.num_threads)  # see GenerateConfig.num_threads and docs/performance.md, "Threads"
     rows = read_prompt_rows(Path(prompts_path))
-    generator = stage_generator(cfg, model_path, gc.batch_size)
+    generator = generator_from_config(cfg, model_path, batch_size=gc.batch_size)
 
     k = gc.num_samples
     explore_sample = gc.exploration == "sample"

@@ -27,7 +27,8 @@ from selm import dist
 from selm.chat import normalize_prompt
 from selm.config import Config, RankConfig
 from selm.io import InputError, atomic_write_json, atomic_write_jsonl, iter_jsonl, mark_done
-from selm.engines.rankers import Ranker, RankerError, build_ranker
+from selm.engines.ranker_base import RankerError, score_in_chunks
+from selm.engines.registry import build_ranker
 
 PROMPTS_PER_CALL = 8
 
@@ -54,38 +55,6 @@ def read_generations(path: Path) -> list[dict]:
     return records
 
 
-def _score_chunk(ranker: Ranker, chunk: list[dict], on_error: str) -> list[tuple[dict, list | str]]:
-    """(record, scores) or (record, error message) for each record of the chunk.
-
-    One call for the chunk; if it fails, each prompt again alone, so the error (or the skip) is
-    pinned on the right prompt_id and the others still get scored.
-    """
-    ids = [r["prompt_id"] for r in chunk]
-    try:
-        scores = ranker.score([r["_messages"] for r in chunk], [r["candidates"] for r in chunk], ids=ids)
-        return list(zip(chunk, scores))
-    except RankerError as e:
-        if len(chunk) == 1:
-            return [_failed(chunk[0], e, on_error)]
-    out: list[tuple[dict, list | str]] = []
-    for rec in chunk:
-        try:
-            out.append((rec, ranker.score([rec["_messages"]], [rec["candidates"]], ids=[rec["prompt_id"]])[0]))
-        except RankerError as e:
-            out.append(_failed(rec, e, on_error))
-    return out
-
-
-def _failed(rec: dict, error: RankerError, on_error: str) -> tuple[dict, str]:
-    """Raise (on_error "fail") or return (record, reason) for a skipped prompt; both name the prompt_id."""
-    msg = str(error)
-    if repr(rec["prompt_id"]) not in msg:
-        msg = f"{msg} (prompt_id {rec['prompt_id']!r})"
-    if on_error == "fail":
-        raise RankerError(msg) from error
-    return rec, msg
-
-
 def _stats(records: list[dict], scored: list[dict], skipped: list[dict], kind: str) -> dict:
     by_source: dict[str, list[float]] = {}
     for rec in scored:
@@ -107,8 +76,6 @@ def _stats(records: list[dict], scored: list[dict], skipped: list[dict], kind: s
 def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg: RankConfig | None = None,
              key: str = "rank") -> dict:
     """Score generations_path into stage_dir (see the module docstring). Returns the stats dict."""
-    from tqdm.auto import tqdm
-
     from selm.models import set_threads
 
     rc = ranker_cfg or cfg.rank
@@ -118,21 +85,14 @@ def run_rank(cfg: Config, generations_path: Path, stage_dir: Path, *, ranker_cfg
     records = read_generations(Path(generations_path))
     set_threads(cfg.generate.num_threads)
 
-    # Under several processes each rank scores every world-th chunk; the chunks' results are merged
-    # back in input order, so the files are the single-process ones.
-    chunks = [records[s:s + PROMPTS_PER_CALL] for s in range(0, len(records), PROMPTS_PER_CALL)]
-    mine = dist.shard(list(enumerate(chunks)))
-    results: dict[int, list] = {}
-    with build_ranker(rc, key=key) as ranker, tqdm(total=sum(len(c) for _, c in mine), desc=key, unit="prompt",
-                                                   disable=not dist.is_main()) as bar:
-        for i, chunk in mine:
-            results[i] = [(rec["prompt_id"], result) for rec, result in _score_chunk(ranker, chunk, rc.on_error)]
-            bar.update(len(chunk))
-    results = dist.merged(results)
+    with build_ranker(rc, key=key) as ranker:
+        results = score_in_chunks(ranker, [r["_messages"] for r in records], [r["candidates"] for r in records],
+                                  [r["prompt_id"] for r in records], chunk_size=PROMPTS_PER_CALL,
+                                  on_error=rc.on_error, progress=key)
     scored, skipped = [], []
-    for rec, (pid, result) in zip(records, (r for i in range(len(chunks)) for r in results[i])):
+    for rec, result in zip(records, results):
         if isinstance(result, str):
-            skipped.append({"prompt_id": pid, "reason": result})
+            skipped.append({"prompt_id": rec["prompt_id"], "reason": result})
         else:
             scored.append({**{k: v for k, v in rec.items() if k != "_messages"}, "scores": result})
     if records and not scored:

@@ -14,6 +14,7 @@ import torch
 
 from selm.data import PairRecord
 from selm.io import atomic_write_json, atomic_write_jsonl, is_done, mark_done, read_jsonl
+from selm.layout import model_dir, study_run
 from selm.studies.steps import Steps
 from selm.studies.study import arm_config, arm_configs, Arm, load_study
 
@@ -21,7 +22,7 @@ HELDOUT_PROMPTS = 48
 
 
 def heldout_pairs(out: Path) -> Path:
-    from selm.stages.evaluate import score_responses
+    from selm.stages.evaluate import gold_scores
     from selm.engines.generation import generate
     from selm.models import load_causal_lm, load_tokenizer, set_threads
 
@@ -31,7 +32,7 @@ def heldout_pairs(out: Path) -> Path:
         return d / "heldout" / "pairs.jsonl"
     first = Arm(**study["arms"][0])
     seed = study["seeds"][0]
-    run = Path(out) / first.name / f"seed_{seed}"
+    run = study_run(out, first.name, seed)
     cfg = arm_config(study["base"], first, seed)
     from selm.loop import start_model_path
 
@@ -49,7 +50,7 @@ def heldout_pairs(out: Path) -> Path:
     del model
     rows = []
     flat_prompts = [p["prompt"] for p in prompts for _ in range(2)]
-    gold = score_responses(cfg, flat_prompts, [s for pair in samples for s in pair])
+    gold = gold_scores(cfg, flat_prompts, [s for pair in samples for s in pair])
     for i, (p, (a, b)) in enumerate(zip(prompts, samples)):
         ga, gb = gold[2 * i], gold[2 * i + 1]
         if ga == gb:
@@ -68,23 +69,17 @@ def _logps(model_path: Path, pairs: list[PairRecord], cfg) -> dict[str, torch.Te
     Scored as training scores its reference (same scoring path, layout, precision and device: CUDA
     when there is one), so these log-probs match the ones training used.
     """
-    from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_pairs
-    from selm.models import load_causal_lm, load_tokenizer
-    from selm.precision import autocast_dtype
+    from selm.objective.logprobs import model_logps, tokenize_pairs
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype).to(device)
-    ex = tokenize_pairs(tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
-                        with_exploration=False)
-    return score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                       pad_id=tok.pad_token_id, device=device, autocast_dtype=autocast_dtype(cfg.train.bf16, device))
+    return model_logps(model_path, cfg, lambda tok: tokenize_pairs(
+        tok, pairs, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
+        with_exploration=False), train_precision=True)[0]
 
 
 def implicit_rewards(out: Path) -> Path:
     """Write analysis/implicit_rewards.json (per arm/seed/iteration means, and SELM - DPO)."""
     from selm.models import set_threads
-    from selm.studies.report import _summary
+    from selm.studies.plots import interval_summary
 
     out = Path(out)
     dest = out / "analysis" / "implicit_rewards.json"
@@ -105,8 +100,8 @@ def implicit_rewards(out: Path) -> Path:
         arm = Arm(**a)
         for s in study["seeds"]:
             cfg = arm_config(study["base"], arm, s)
-            run = out / arm.name / f"seed_{s}"
-            models = {t: run / f"iter_{t}" / "train" / "model" for t in range(1, T + 1)}
+            run = study_run(out, arm.name, s)
+            models = {t: model_dir(run, t) for t in range(1, T + 1)}
             runs.append((arm, s, cfg, start_model_path(cfg, run), {t: m for t, m in models.items() if m.is_dir()}))
     total = len({str(r[3]) for r in runs}) + sum(len(r[4]) for r in runs)
     with Steps("report: implicit rewards", total) as steps:
@@ -130,7 +125,7 @@ def implicit_rewards(out: Path) -> Path:
                     a, b = per.get(f"selm/{s}/{t}"), per.get(f"dpo/{s}/{t}")
                     if a and b:
                         groups.append([x - y for x, y in zip(a[kind], b[kind])])
-                entry[kind] = _summary(groups, shared.evaluate.bootstrap_samples)
+                entry[kind] = interval_summary(groups, shared.evaluate.bootstrap_samples)
             diff.append(entry)
     atomic_write_json(dest, {
         "description": (f"{len(rows)} held-out pairs: two start-model samples per evaluation prompt, ranked by the "

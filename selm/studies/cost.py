@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from selm.io import DONE_MARKER, read_json, read_jsonl
-from selm.loop import STAGES
+from selm.layout import stage_dir
+from selm.layout import STAGES
 
 
 def _train_rate(stage: Path) -> float | None:
@@ -59,7 +60,7 @@ def cost_table(runs: list[Path], iterations: int) -> list[dict]:
                                   "tokens_per_s": None, "runs": 0}
             rates = []
             for run in runs:
-                c = stage_cost(Path(run) / f"iter_{t}" / name, name)
+                c = stage_cost(stage_dir(run, t, name), name)
                 if c is None or c["_marker"] in seen:
                     continue
                 seen.add(c.pop("_marker"))

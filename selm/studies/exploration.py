@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selm.io import DONE_MARKER, atomic_write_json, read_json, read_jsonl, sha256_json
+from selm.layout import model_dir, stage_dir
 from selm.stats import mean, outcomes
 from selm.studies.steps import Steps
 
@@ -115,7 +116,7 @@ def per_prompt_ratios(model: list[float], ref: list[float], tokens: list[int], p
 
 
 def _generations(run: Path, t: int) -> list[dict] | None:
-    d = run / f"iter_{t}" / "generate"
+    d = stage_dir(run, t, "generate")
     return read_jsonl(d / "generations.jsonl") if (d / DONE_MARKER).is_file() else None
 
 
@@ -146,18 +147,12 @@ def score_responses(model_path: Path, items: list[tuple], cfg) -> tuple[list[flo
     """Summed log-probs of each (prompt, response, finished) under the model, and each response's
     token count, scored as training scores its reference (tokenisation, truncation, layout) but in
     the weights' own precision (model.dtype), without train.bf16's autocast: small log-ratios want
-    the precision, and bf16 autocast ran 6x slower on a CPU without bf16 units (docs/method.md)."""
-    import torch
+    the precision, and bf16 autocast runs many times slower on a CPU without bf16 units (BENCHMARKS.md,
+    "bf16 on a CPU without bf16 instructions")."""
+    from selm.objective.logprobs import model_logps, tokenize_responses
 
-    from selm.models import load_causal_lm, load_tokenizer
-    from selm.objective.logprobs import COLLATORS, ResponseLogps, score_logps, tokenize_responses
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
-    ex = tokenize_responses(tok, items, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length)
-    lp = score_logps(ResponseLogps(model), ex, batch_size=cfg.train.ref_batch_size, collate=COLLATORS[cfg.train.layout],
-                     pad_id=tok.pad_token_id, device=device)
+    lp, ex = model_logps(model_path, cfg, lambda tok: tokenize_responses(
+        tok, items, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length), train_precision=False)
     return lp["chosen"].tolist(), [len(e.responses[0]) for e in ex]
 
 
@@ -165,8 +160,8 @@ def _models(run: Path, cfg, T: int) -> dict[int, Path]:
     """Model index -> folder: every finished iterate, and the start model (0) when there is one."""
     from selm.io import is_done
 
-    models = {t: run / f"iter_{t}" / "train" / "model" for t in range(1, T + 1)
-              if is_done(run / f"iter_{t}" / "train") and (run / f"iter_{t}" / "train" / "model").is_dir()}
+    models = {t: model_dir(run, t) for t in range(1, T + 1)
+              if is_done(stage_dir(run, t, "train")) and (model_dir(run, t)).is_dir()}
     if models:
         from selm.loop import start_model_path
 
@@ -229,8 +224,8 @@ def diversity(rows: list[dict], cap: int) -> dict:
 
 def _best_scores(run: Path, t: int) -> dict[str, list[float]] | None:
     """prompt_id -> training-ranker scores of the model's own candidates (the dataset's left out)."""
-    p = run / f"iter_{t}" / "rank" / "scores.jsonl"
-    if not (run / f"iter_{t}" / "rank" / DONE_MARKER).is_file():
+    p = stage_dir(run, t, "rank") / "scores.jsonl"
+    if not (stage_dir(run, t, "rank") / DONE_MARKER).is_file():
         return None
     out = {}
     for r in read_jsonl(p):
@@ -254,7 +249,7 @@ def coverage(run: Path, t: int) -> dict | None:
     first = _best_scores(run, 1) if t > 1 else None
     if first:
         out["beats_start_best"], out["beats_kind"] = beats_start(best, {pid: max(v) for pid, v in first.items()})
-    pairs = run / f"iter_{t}" / "pair"
+    pairs = stage_dir(run, t, "pair")
     out["margin"] = ([p["score_chosen"] - p["score_rejected"] for p in read_jsonl(pairs / "pairs.jsonl")]
                      if (pairs / DONE_MARKER).is_file() else [])
     return out
@@ -268,10 +263,10 @@ def _key(run: Path, cfg, cap: int) -> str:
     stages = {}
     for t in range(1, cfg.loop.iterations + 1):
         for s in ("generate", "rank", "pair", "train"):
-            m = run / f"iter_{t}" / s / DONE_MARKER
+            m = stage_dir(run, t, s) / DONE_MARKER
             stages[f"{t}/{s}"] = m.read_text(encoding="utf-8") if m.is_file() else None
             if s == "train":
-                stages[f"{t}/model"] = (run / f"iter_{t}" / s / "model").is_dir()
+                stages[f"{t}/model"] = (stage_dir(run, t, s) / "model").is_dir()
     tc = cfg.train
     return sha256_json({"version": VERSION, "stages": stages, "model": config_to_dict(cfg)["model"], "seed": cfg.seed,
                         "cap": cap, "scoring": [tc.max_length, tc.max_prompt_length, tc.layout]})

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selm.layout import study_run
 from selm.stats import mean
 from selm.studies.exploration import DISTANCES, quantile, run_exploration
-from selm.studies.report import _errbar, _fmt, _summary, figure_saver, pyplot
+from selm.studies.plots import errorbars, figure_saver, format_interval, interval_summary, pyplot
 
 WITHIN = ("distinct_1", "distinct_2", "duplicates", "edit_distance")
 ACROSS = ("distinct_1_across", "distinct_2_across", "duplicates_across")
@@ -60,14 +61,14 @@ def summarize(runs: list[dict], samples: int) -> list[dict]:
         row: dict = {"iteration": i + 1, "distance": {}}
         for name in DISTANCES:
             got = [it["distance"][name] for it in its if name in it["distance"]]
-            row["distance"][name] = {u: _summary([g[u] for g in got], samples) for u in ("per_sequence", "per_token")}
+            row["distance"][name] = {u: interval_summary([g[u] for g in got], samples) for u in ("per_sequence", "per_token")}
         div = [it["diversity"] for it in its if it["diversity"]]
-        row["diversity"] = {k: _summary([d[k] for d in div], samples) for k in WITHIN}
+        row["diversity"] = {k: interval_summary([d[k] for d in div], samples) for k in WITHIN}
         for k in ACROSS:
             vals = [d[k] for d in div if d[k] is not None]
             row["diversity"][k] = {"mean": mean(vals) if vals else None, "values": vals}
         cov = [it["coverage"] for it in its if it["coverage"]]
-        row["coverage"] = {k: _summary([c[k] for c in cov], samples) for k in COVERAGE}
+        row["coverage"] = {k: interval_summary([c[k] for c in cov], samples) for k in COVERAGE}
         pooled = [s for c in cov for s in c["scores"]]
         row["coverage"]["quantiles"] = {f"p{round(q * 100)}": quantile(pooled, q) for q in QUANTILES}
         row["coverage"]["max"] = max(pooled) if pooled else None
@@ -79,7 +80,7 @@ def summarize(runs: list[dict], samples: int) -> list[dict]:
 def _cell(stat: dict, key: str) -> str:
     if "values" in stat:  # pooled over prompts: a point value, no interval
         return "n/a" if stat["mean"] is None else (f"{stat['mean'] * 100:.1f}%" if key in PCT else f"{stat['mean']:.3f}")
-    return _fmt(stat, key in PCT)
+    return format_interval(stat, key in PCT)
 
 
 def _table(per_label: dict[str, list[dict]], part: str, keys, pick=lambda s: s) -> list[str]:
@@ -103,8 +104,8 @@ def _coverage_rows(per_label: dict[str, list[dict]]) -> list[str]:
         for r in rows:
             c = r["coverage"]
             qs = " / ".join("n/a" if v is None else f"{v:.3f}" for v in [*c["quantiles"].values(), c["max"]])
-            cells = ([label] if several else []) + [str(r["iteration"]), _fmt(c["best"]), qs,
-                                                    _fmt(c["beats_start_best"], True), _fmt(c["margin"])]
+            cells = ([label] if several else []) + [str(r["iteration"]), format_interval(c["best"]), qs,
+                                                    format_interval(c["beats_start_best"], True), format_interval(c["margin"])]
             lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -119,7 +120,7 @@ def _grid(save, name: str, title: str, per_label: dict[str, list[dict]], panels:
         for label, rows in per_label.items():
             stats = [r[part][key][unit] if unit else r[part][key] for r in rows]
             if all("values" not in s for s in stats):
-                _errbar(ax, [r["iteration"] for r in rows], stats, label, 100 if key in PCT else 1)
+                errorbars(ax, [r["iteration"] for r in rows], stats, label, 100 if key in PCT else 1)
             else:  # pooled over prompts: no interval
                 pts = [(r["iteration"], s["mean"] * (100 if key in PCT else 1)) for r, s in zip(rows, stats)
                        if s["mean"] is not None]
@@ -219,7 +220,7 @@ def study_section(out: Path, data: dict, prompts: int | None = None) -> list[str
         runs = []
         for s in study["seeds"]:
             cfg = arm_config(study["base"], Arm(**a), s)
-            run = Path(out) / a["name"] / f"seed_{s}"
+            run = study_run(out, a["name"], s)
             if (run / "config.yaml").is_file():
                 runs.append(run_exploration(run, cfg, prompts))
         per_arm[a["name"]] = summarize(runs, cfg.evaluate.bootstrap_samples)
@@ -250,15 +251,15 @@ def _alpha_part(data: dict, per_arm: dict[str, list[dict]], plots: Path) -> list
              "paying. (Iteration T's candidates were drawn from model T-1.)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, g in zip(order, gold):
-        lines.append(f"| {a} | {data['alphas'][a]:g} | {_fmt(g)} | " + " | ".join(
-            _fmt(stat(a, *p), p[1] in PCT) for p in ALPHA) + " |")
+        lines.append(f"| {a} | {data['alphas'][a]:g} | {format_interval(g)} | " + " | ".join(
+            format_interval(stat(a, *p), p[1] in PCT) for p in ALPHA) + " |")
     plt = pyplot()
     made: list[str] = []
     fig, axes = plt.subplots(2, 4, figsize=(17, 6.6))
     xs = list(range(len(order)))
     for ax, (part, key, unit) in zip(axes.flat, [("gold", "gold", None)] + ALPHA):
         vals = gold if part == "gold" else [stat(a, part, key, unit) for a in order]
-        _errbar(ax, xs, vals, key, 100 if key in PCT else 1)
+        errorbars(ax, xs, vals, key, 100 if key in PCT else 1)
         ax.set_xticks(xs, [f"{data['alphas'][a]:g}" for a in order])
         ax.set(xlabel="alpha", title="mean gold reward" if part == "gold" else LABELS[key] + (" (%)" if key in PCT else ""))
     figure_saver(plots, made)(fig, "exploration_alpha.png")

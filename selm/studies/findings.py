@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selm.io import read_jsonl
+from selm.layout import stage_dir, study_run
 from selm.stats import hierarchical_ci, mean, outcomes, sd, seed_t_interval
 
 HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
@@ -60,9 +61,9 @@ def verdict(above: list[int], below_fails: bool = True) -> str:
     return HOLDS if all(a > 0 for a in above) else OPEN
 
 
-def _eval_rows(run: Path, t: int) -> dict[str, dict] | None:
+def eval_rows(run: Path, t: int) -> dict[str, dict] | None:
     """Iteration t's evaluation rows of a run folder, by prompt id (None before it is evaluated)."""
-    p = run / f"iter_{t}" / "evaluate" / "generations.jsonl"
+    p = stage_dir(run, t, "evaluate") / "generations.jsonl"
     return {r["prompt_id"]: r for r in read_jsonl(p)} if p.is_file() else None
 
 
@@ -70,7 +71,7 @@ def paired(out: Path, arm_a: str, t_a: int, arm_b: str, t_b: int, seeds: list[in
     """Per seed, the (a, b) values of `field` on the prompts both evaluations share."""
     groups = []
     for s in seeds:
-        a, b = _eval_rows(out / arm_a / f"seed_{s}", t_a), _eval_rows(out / arm_b / f"seed_{s}", t_b)
+        a, b = eval_rows(study_run(out, arm_a, s), t_a), eval_rows(study_run(out, arm_b, s), t_b)
         if a and b:
             ids = sorted(set(a) & set(b))
             groups.append([(a[i][field], b[i][field]) for i in ids])

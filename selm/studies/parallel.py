@@ -1,7 +1,7 @@
 """Several runs of a study at once, one process per arm-seed run (`jobs` > 1).
 
-Why processes: the stages run at one thread by default (docs/performance.md, "Threads": two threads on a 2-core
-machine gain at most 1.6x and can lose 10x), so a one-process study leaves the other cores idle.
+Why processes: the stages run at one thread by default (docs/performance.md, "Threads": two threads
+on a 2-core machine gain little and can lose much), so a one-process study leaves the other cores idle.
 Runs are the unit of work (a seed would be too coarse: three seeds on two processes take two
 rounds); an arm that shares its seed's first stages waits for them (study._run_arm). Each worker
 writes its own progress to DIR/logs/<arm>_seed_<s>.log; the parent shows one bar counting finished
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from selm.io import is_done
+from selm.layout import stage_dir
 
 POLL_S = 2.0
 PARENT_POLL_S = 1.0
@@ -38,7 +39,7 @@ def done_stages(runs: list[tuple[Path, int]]) -> int:
     n = 0
     for run, T in runs:
         n += is_done(run / "iter_0" / "evaluate")
-        n += sum(is_done(run / f"iter_{t}" / s) for t in range(1, T + 1)
+        n += sum(is_done(stage_dir(run, t, s)) for t in range(1, T + 1)
                  for s in ("generate", "rank", "pair", "train", "evaluate"))
     return n
 

@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 
 from selm.io import atomic_write_text, read_json
-from selm.stats import head_to_head, hierarchical_ci, mean, seed_t_interval
+from selm.layout import model_dir, study_run
+from selm.stats import head_to_head
 from selm.studies.cost import cost_lines, cost_table
-from selm.studies.findings import _eval_rows, alpha_differences, decide, findings, findings_lines, sweep_headline
+from selm.studies.findings import alpha_differences, decide, eval_rows, findings, findings_lines, sweep_headline
+from selm.studies.plots import (CURVE_TITLES, errorbars, figure_saver, format_interval, interval_summary, legend, pyplot,
+                               read_training_curves, training_curves)
 from selm.studies.steps import Steps
 from selm.studies.study import arm_configs, load_study
 
@@ -36,8 +39,8 @@ def collect(out: Path) -> dict:
         for t in range(0, T + 1):
             wins, golds, lengths, cut = [], [], [], []
             for s in seeds:
-                run = out / arm / f"seed_{s}"
-                cur, start = _eval_rows(run, t), _eval_rows(run, 0)
+                run = study_run(out, arm, s)
+                cur, start = eval_rows(run, t), eval_rows(run, 0)
                 if cur is None or start is None:
                     continue
                 ids = sorted(cur)
@@ -45,31 +48,31 @@ def collect(out: Path) -> dict:
                 golds.append([cur[i]["gold"] for i in ids])
                 lengths.append([cur[i]["length_tokens"] for i in ids])
                 cut.append([float(not cur[i].get("finished", True)) for i in ids])
-            rows["win_vs_start"].append(_summary(wins, samples))
-            rows["gold"].append(_summary(golds, samples))
-            rows["length"].append(_summary(lengths, samples))
-            rows["cut_off"].append(_summary(cut, samples))
+            rows["win_vs_start"].append(interval_summary(wins, samples))
+            rows["gold"].append(interval_summary(golds, samples))
+            rows["length"].append(interval_summary(lengths, samples))
+            rows["cut_off"].append(interval_summary(cut, samples))
             rows["gold_all"].append([g for grp in golds for g in grp])
-        rows["curves"] = _curves(out / arm / f"seed_{seeds[0]}", T)
+        rows["curves"] = read_training_curves(study_run(out, arm, seeds[0]), T)
         per_arm[arm] = rows
     data["per_arm"] = per_arm
-    data["setup"] = setup(shared, out / arms[0] / f"seed_{seeds[0]}")
+    data["setup"] = setup(shared, study_run(out, arms[0], seeds[0]))
     if "selm" in arms and "dpo" in arms:
         h2h = []
         for t in range(1, T + 1):
             groups = []
             for s in seeds:
-                a, b = _eval_rows(out / "selm" / f"seed_{s}", t), _eval_rows(out / "dpo" / f"seed_{s}", t)
+                a, b = eval_rows(study_run(out, "selm", s), t), eval_rows(study_run(out, "dpo", s), t)
                 if a and b:
                     ids = sorted(a)
                     groups.append(head_to_head(a, b, ids))
-            h2h.append(_summary(groups, samples))
+            h2h.append(interval_summary(groups, samples))
         data["head_to_head"] = h2h
         data["examples"] = _examples(out, seeds[0], T)
     ir = out / "analysis" / "implicit_rewards.json"
     if ir.is_file():
         data["implicit_rewards"] = read_json(ir)
-    data["cost"] = cost_table([out / a / f"seed_{s}" for a in arms for s in seeds], T)
+    data["cost"] = cost_table([study_run(out, a, s) for a in arms for s in seeds], T)
     data["findings"] = findings(out, data)
     data["alpha_vs_zero"] = alpha_differences(out, data)
     return data
@@ -79,7 +82,7 @@ def _parameters(run: Path) -> int | None:
     """Parameters of the run's model, read from the shapes in iteration 1's safetensors (no loading)."""
     from safetensors import safe_open
 
-    files = sorted((run / "iter_1" / "train" / "model").glob("*.safetensors"))
+    files = sorted(model_dir(run, 1).glob("*.safetensors"))
     total = 0
     for f in files:
         with safe_open(str(f), "pt") as st:
@@ -133,36 +136,10 @@ def _setup_lines(su: dict) -> list[str]:
             f"- Training ranker: {su['ranker']}. Gold judge (evaluation only): {su['gold_judge']}.", ""]
 
 
-def _summary(groups: list[list[float]], samples: int) -> dict:
-    """Mean and 95% interval (`samples` bootstrap resamples) of values grouped by seed, and the
-    per-seed means with their t-interval (seed_ci95), which verdicts read (selm.studies.findings.decide)."""
-    flat = [x for g in groups for x in g]
-    if not flat:
-        return {"mean": None, "ci95": [None, None], "n": 0}
-    lo, hi = hierarchical_ci(groups, samples=samples, seed=0)
-    per_seed = [mean(g) for g in groups if g]
-    return {"mean": mean(flat), "ci95": [lo, hi], "n": len(flat), "seeds": len(groups), "per_seed": per_seed,
-            "seed_ci95": list(seed_t_interval(per_seed))}
-
-
-def _curves(run: Path, T: int) -> list[dict]:
-    pts, offset = [], 0
-    for t in range(1, T + 1):
-        p = run / f"iter_{t}" / "train" / "metrics.jsonl"
-        if not p.is_file():
-            break
-        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-        for r in rows:
-            pts.append({"step": offset + r["step"], "iteration": t, "loss": r["loss"], "margin": r["rewards/margins"],
-                        "explore": r["loss/explore"], "accuracy": r["rewards/accuracies"]})
-        offset += len(rows)
-    return pts
-
-
 def _examples(out: Path, seed: int, T: int, n: int = 3) -> list[dict]:
-    start = _eval_rows(out / "selm" / f"seed_{seed}", 0)
-    a = _eval_rows(out / "selm" / f"seed_{seed}", T)
-    b = _eval_rows(out / "dpo" / f"seed_{seed}", T)
+    start = eval_rows(study_run(out, "selm", seed), 0)
+    a = eval_rows(study_run(out, "selm", seed), T)
+    b = eval_rows(study_run(out, "dpo", seed), T)
     if not (start and a and b):
         return []
     ids = sorted(start)[:n]
@@ -173,70 +150,6 @@ def _examples(out: Path, seed: int, T: int, n: int = 3) -> list[dict]:
 # Plots and markdown.
 
 
-def _fmt(s: dict, pct: bool = False) -> str:
-    """"mean [lo, hi]", as percentages (one decimal) or raw values (three decimals)."""
-    if s.get("mean") is None:
-        return "n/a"
-    if pct:
-        return f"{s['mean'] * 100:.1f}% [{s['ci95'][0] * 100:.1f}, {s['ci95'][1] * 100:.1f}]"
-    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
-
-
-def _errbar(ax, xs, summaries: list[dict], label: str, scale: float = 1.0) -> None:
-    """Means with their 95% intervals as error bars, skipping points without data."""
-    pts = [(x, s) for x, s in zip(xs, summaries) if s["mean"] is not None]
-    if not pts:
-        return
-    x = [p[0] for p in pts]
-    m = [p[1]["mean"] * scale for p in pts]
-    lo = [(p[1]["mean"] - p[1]["ci95"][0]) * scale for p in pts]
-    hi = [(p[1]["ci95"][1] - p[1]["mean"]) * scale for p in pts]
-    ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=label)
-    ax.set_xticks(list(xs))
-
-
-def legend(ax, **kw) -> None:
-    """A legend where something is labelled (a run without evaluation has empty plots: no warning)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kw)
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def figure_saver(plots: Path, made: list[str]):
-    """save(fig, name): write the figure atomically as plots/name and record the name in `made`."""
-    plt = pyplot()
-    plots.mkdir(parents=True, exist_ok=True)
-
-    def save(fig, name):
-        fig.tight_layout()
-        tmp = plots / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(plots / name)
-        made.append(name)
-
-    return save
-
-
-def training_curves(ax_row, curves: list[dict], label: str) -> None:
-    """Loss, reward margin and exploration term against the optimizer step, on three axes."""
-    if curves:
-        for ax, key in zip(ax_row, ("loss", "margin", "explore")):
-            ax.plot([p["step"] for p in curves], [p[key] for p in curves], label=label)
-
-
-CURVE_TITLES = ("loss", "rewards/margins", "loss/explore (alpha*beta*(logp - logp_ref) of y0)")
-
-
 def _plots(data: dict, plots: Path) -> list[str]:
     plt = pyplot()
     made: list[str] = []
@@ -245,7 +158,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        _errbar(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
+        errorbars(ax, range(0, T + 1), data["per_arm"][arm]["win_vs_start"], arm, 100)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="iteration", ylabel="gold win rate vs start model (%)", title="Win rate vs the start model (95% CI)")
     legend(ax)
@@ -253,7 +166,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     if "head_to_head" in data:
         fig, ax = plt.subplots(figsize=(6, 4))
-        _errbar(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
+        errorbars(ax, range(1, T + 1), data["head_to_head"], "SELM vs DPO", 100)
         ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="SELM win rate over DPO (%)", title="Head to head, same seed and prompts")
         save(fig, "head_to_head.png")
@@ -271,7 +184,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
     if ir and ir.get("diff"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for kind in ("chosen", "rejected"):
-            _errbar(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
+            errorbars(ax, [d["iteration"] for d in ir["diff"]], [d[kind] for d in ir["diff"]], kind)
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", ylabel="implicit reward, SELM - DPO", title="Implicit rewards on held-out pairs")
         legend(ax)
@@ -287,7 +200,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        _errbar(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
+        errorbars(ax, range(0, T + 1), data["per_arm"][arm]["length"], arm)
     ax.set(xlabel="iteration", ylabel="response length (tokens)", title="Evaluation response length")
     legend(ax)
     save(fig, "length.png")
@@ -296,7 +209,7 @@ def _plots(data: dict, plots: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         order = sorted(arms, key=lambda a: data["alphas"][a])
         xs = list(range(len(order)))
-        _errbar(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
+        errorbars(ax, xs, [data["per_arm"][a]["gold"][T] for a in order], f"iteration {T}")
         ax.set_xticks(xs, [f"{data['alphas'][a]:g}" for a in order])
         ax.set(xlabel="alpha", ylabel="mean gold reward", title="Alpha sweep (95% CI over seeds and prompts)")
         save(fig, "alpha_sweep.png")
@@ -328,9 +241,9 @@ def headline(data: dict) -> str:
                         f"{boot}, which decides nothing (resampling a few seeds understates their spread)")
         return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {h['mean'] * 100:.1f}% "
                 f"over {h['n']} prompt-seed pairs ({n_seeds} seed{'' if n_seeds == 1 else 's'}: {per_seed}{seeds_ci}). "
-                f"Win rate vs the start model: SELM {_fmt(s, True)}, DPO {_fmt(d, True)}.")
+                f"Win rate vs the start model: SELM {format_interval(s, True)}, DPO {format_interval(d, True)}.")
     best = max(data["arms"], key=lambda a: data["per_arm"][a]["gold"][T]["mean"] or float("-inf"))
-    return (f"**Highest mean gold reward at iteration {T}: {best}** ({_fmt(data['per_arm'][best]['gold'][T])})."
+    return (f"**Highest mean gold reward at iteration {T}: {best}** ({format_interval(data['per_arm'][best]['gold'][T])})."
             + sweep_headline(data.get("alpha_vs_zero") or {}))
 
 
@@ -356,11 +269,11 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
     lines += ["## Gold win rate vs the start model", "", "| iteration | " + " | ".join(data["arms"]) + " |",
               "|---|" + "---|" * len(data["arms"])]
     for t in range(0, T + 1):
-        lines.append(f"| {t} | " + " | ".join(_fmt(data["per_arm"][a]["win_vs_start"][t], True) for a in data["arms"]) + " |")
+        lines.append(f"| {t} | " + " | ".join(format_interval(data["per_arm"][a]["win_vs_start"][t], True) for a in data["arms"]) + " |")
     lines += ["", "![](plots/win_rate_vs_start.png)", ""]
     if "head_to_head" in data:
         lines += ["## Head to head: SELM vs DPO", "", "| iteration | SELM win rate over DPO |", "|---|---|"]
-        lines += [f"| {t} | {_fmt(h, True)} |" for t, h in enumerate(data["head_to_head"], 1)]
+        lines += [f"| {t} | {format_interval(h, True)} |" for t, h in enumerate(data["head_to_head"], 1)]
         lines += ["", "![](plots/head_to_head.png)", ""]
     lines += findings_lines(data.get("findings"))
     lines += ["## Mean gold reward, response length and answers cut off", "",
@@ -369,21 +282,21 @@ def build_report(out: Path, exploration_prompts: int | None = None) -> Path:
               "|---|" + "---|---|---|" * len(data["arms"])]
     for t in range(0, T + 1):
         lines.append(f"| {t} | " + " | ".join(
-            f"{_fmt(data['per_arm'][a]['gold'][t])} | {_fmt(data['per_arm'][a]['length'][t])} | "
-            f"{_fmt(data['per_arm'][a]['cut_off'][t], True)}" for a in data["arms"]) + " |")
+            f"{format_interval(data['per_arm'][a]['gold'][t])} | {format_interval(data['per_arm'][a]['length'][t])} | "
+            f"{format_interval(data['per_arm'][a]['cut_off'][t], True)}" for a in data["arms"]) + " |")
     lines += ["", "![](plots/reward_distribution.png)", "", "![](plots/length.png)", ""]
     if "implicit_rewards.png" in made:
         ir = data["implicit_rewards"]
         lines += ["## Implicit rewards on held-out pairs (SELM minus DPO)", "", ir.get("description", ""), "",
                   "| iteration | chosen | rejected |", "|---|---|---|"]
-        lines += [f"| {d['iteration']} | {_fmt(d['chosen'])} | {_fmt(d['rejected'])} |" for d in ir["diff"]]
+        lines += [f"| {d['iteration']} | {format_interval(d['chosen'])} | {format_interval(d['rejected'])} |" for d in ir["diff"]]
         lines += ["", "![](plots/implicit_rewards.png)", ""]
     lines += ["## Training curves", "", "![](plots/training_curves.png)", ""]
     if "alpha_sweep.png" in made:
         lines += ["## Alpha sweep", "", "| alpha | mean gold reward at the last iteration | win rate vs start |", "|---|---|---|"]
         for a in sorted(data["arms"], key=lambda a: data["alphas"][a]):
-            lines.append(f"| {data['alphas'][a]:g} | {_fmt(data['per_arm'][a]['gold'][T])} | "
-                         f"{_fmt(data['per_arm'][a]['win_vs_start'][T], True)} |")
+            lines.append(f"| {data['alphas'][a]:g} | {format_interval(data['per_arm'][a]['gold'][T])} | "
+                         f"{format_interval(data['per_arm'][a]['win_vs_start'][T], True)} |")
         lines += ["", "![](plots/alpha_sweep.png)", ""]
     steps.start("exploration statistics")
     lines += study_section(out, data, exploration_prompts)

@@ -13,11 +13,13 @@ from pathlib import Path
 from selm.config import config_from_dict, load_yaml
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
 from selm.studies.steps import Steps
+from selm.layout import stage_dir
 from selm.stats import head_to_head
 from selm.studies.cost import cost_lines, cost_table
 from selm.studies.exploration_report import run_section
-from selm.studies.report import (CURVE_TITLES, _curves, _errbar, _eval_rows, _fmt, _summary, figure_saver, legend,
-                                 pyplot, training_curves)
+from selm.studies.findings import eval_rows
+from selm.studies.plots import (CURVE_TITLES, errorbars, figure_saver, format_interval, interval_summary, legend, pyplot,
+                               read_training_curves, training_curves)
 
 
 def collect_run(out: Path) -> dict:
@@ -26,15 +28,15 @@ def collect_run(out: Path) -> dict:
         raise InputError(f"{out}: not a selm run folder (no config.yaml); `selm report` takes a run, demo or sweep folder")
     cfg = config_from_dict(load_yaml(out / "config.yaml"))
     T, samples = cfg.loop.iterations, cfg.evaluate.bootstrap_samples
-    start = _eval_rows(out, 0)
+    start = eval_rows(out, 0)
     rows = []
     for t in range(0, T + 1):
-        cur, prev = _eval_rows(out, t), _eval_rows(out, t - 1) if t > 0 else None
+        cur, prev = eval_rows(out, t), eval_rows(out, t - 1) if t > 0 else None
         row: dict = {"iteration": t, "evaluated": cur is not None}
-        pair = out / f"iter_{t}" / "pair" / DONE_MARKER
+        pair = stage_dir(out, t, "pair") / DONE_MARKER
         row["pairs"] = read_json(pair).get("pairs") if pair.is_file() else None
         ids = sorted(cur) if cur else []
-        group = lambda vals: _summary([vals] if vals else [], samples)  # noqa: E731 - one seed: one group
+        group = lambda vals: interval_summary([vals] if vals else [], samples)  # noqa: E731 - one seed: one group
         row["gold"] = group([cur[i]["gold"] for i in ids])
         row["length"] = group([cur[i]["length_tokens"] for i in ids])
         row["cut_off"] = group([float(not cur[i].get("finished", True)) for i in ids])
@@ -45,7 +47,7 @@ def collect_run(out: Path) -> dict:
         row["gold_all"] = [cur[i]["gold"] for i in ids]
         rows.append(row)
     return {"run": str(out), "iterations": T, "alpha": cfg.train.alpha, "beta": cfg.train.beta,
-            "per_iteration": rows, "curves": _curves(out, T), "cost": cost_table([out], T)}
+            "per_iteration": rows, "curves": read_training_curves(out, T), "cost": cost_table([out], T)}
 
 
 def _plots(data: dict, plots: Path) -> list[str]:
@@ -55,22 +57,22 @@ def _plots(data: dict, plots: Path) -> list[str]:
     rows, xs = data["per_iteration"], range(0, data["iterations"] + 1)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    _errbar(ax, xs, [r["gold"] for r in rows], "mean gold reward")
+    errorbars(ax, xs, [r["gold"] for r in rows], "mean gold reward")
     ax.set(xlabel="iteration", ylabel="mean gold reward", title="Gold reward on held-out prompts (95% CI)")
     save(fig, "gold_reward.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    _errbar(ax, xs, [r["win_vs_start"] for r in rows], "vs the start model", 100)
-    _errbar(ax, xs, [r["win_vs_previous"] for r in rows], "vs the previous iteration", 100)
+    errorbars(ax, xs, [r["win_vs_start"] for r in rows], "vs the start model", 100)
+    errorbars(ax, xs, [r["win_vs_previous"] for r in rows], "vs the previous iteration", 100)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="iteration", ylabel="gold win rate (%)", title="Win rates (95% CI; ties count half)")
     legend(ax)
     save(fig, "win_rates.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    _errbar(axes[0], xs, [r["length"] for r in rows], "length")
+    errorbars(axes[0], xs, [r["length"] for r in rows], "length")
     axes[0].set(xlabel="iteration", ylabel="response length (tokens)", title="Evaluation response length")
-    _errbar(axes[1], xs, [r["cut_off"] for r in rows], "cut off", 100)
+    errorbars(axes[1], xs, [r["cut_off"] for r in rows], "cut off", 100)
     axes[1].set(xlabel="iteration", ylabel="answers cut off (%)", title="Answers cut at evaluate.max_new_tokens")
     save(fig, "length_and_cut_off.png")
 
@@ -109,8 +111,8 @@ def build_run_report(out: Path, exploration_prompts: int | None = None) -> Path:
              "|---|---|---|---|---|---|---|"]
     for r in data["per_iteration"]:
         pairs = "" if r["pairs"] is None else str(r["pairs"])
-        lines.append(f"| {r['iteration']} | {pairs} | {_fmt(r['gold'])} | {_fmt(r['win_vs_start'], True)} | "
-                     f"{_fmt(r['win_vs_previous'], True)} | {_fmt(r['length'])} | {_fmt(r['cut_off'], True)} |")
+        lines.append(f"| {r['iteration']} | {pairs} | {format_interval(r['gold'])} | {format_interval(r['win_vs_start'], True)} | "
+                     f"{format_interval(r['win_vs_previous'], True)} | {format_interval(r['length'])} | {format_interval(r['cut_off'], True)} |")
     lines.append("")
     for name, title in (("gold_reward.png", "Gold reward"), ("win_rates.png", "Win rates"),
                         ("length_and_cut_off.png", "Length and answers cut off"),

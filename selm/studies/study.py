@@ -23,6 +23,7 @@ from pathlib import Path
 
 from selm.config import Config, ConfigError, apply_overrides, config_from_dict
 from selm.io import atomic_write_json, is_done, read_json
+from selm.layout import study_run
 
 SHAREABLE = ("iter_0/evaluate", "iter_1/generate", "iter_1/rank", "iter_1/pair")
 
@@ -78,7 +79,7 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
         if jobs > 1 and len(arms) * len(seeds) > 1:
             from selm.studies.parallel import done_stages, run_tasks
 
-            runs = [(out / a.name / f"seed_{s}", cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
+            runs = [(study_run(out, a.name, s), cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
 
             def progress():
                 bar.n = done_stages(runs)
@@ -94,7 +95,7 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
             for s in seeds:
                 for i in range(len(arms)):
                     _run_arm(base, out, arms, i, s, allow_config_change, first_run, bar)
-                first_run = first_run or out / arms[0].name / f"seed_{s}"
+                first_run = first_run or study_run(out, arms[0].name, s)
     finally:
         bar.close()
     return out
@@ -109,9 +110,9 @@ def _run_arm(base: dict, out: Path, arms: list[Arm], i: int, s: int, allow_confi
 
     from selm.loop import run_loop
 
-    arm, first = arms[i], out / arms[0].name / f"seed_{s}"
+    arm, first = arms[i], study_run(out, arms[0].name, s)
     cfg = arm_config(base, arm, s)
-    run_dir = out / arm.name / f"seed_{s}"
+    run_dir = study_run(out, arm.name, s)
     if i > 0 and _training_only(arm.overrides) and _training_only(arms[0].overrides):
         while wait and not all(is_done(first / rel) for rel in SHAREABLE if rel.startswith("iter_1")):
             time.sleep(2.0)
