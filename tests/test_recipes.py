@@ -97,7 +97,7 @@ def test_the_recipes_guide_commands_name_each_recipe_and_its_launch():
     for zero3, recipe, rest in commands:
         assert zero3 == "configs/accelerate/zero3.yaml" and (ROOT / recipe).is_file()
         sets = re.findall(r"--set (\S+)", rest)
-        assert sorted(s.split("=")[0] for s in sets) == ["data.prompts", "rank.model"]
+        assert sorted(s.split("=")[0] for s in sets) == ["data.prompts", "data.split", "rank.model"]
         check_for_loop(load_config(ROOT / recipe, sets))
         assert f"run {recipe}" in (ROOT / recipe).read_text()
 
