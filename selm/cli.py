@@ -48,9 +48,13 @@ def _stage_parser(sub, name: str, help_: str, flags: dict) -> argparse.ArgumentP
     return p
 
 
-# A judge section's flags read like `selm eval mtbench`'s: --judge-model is the LLM judge's name (not
-# --judge-judge-model), so the reward model's folder is --judge-reward-model.
-JUDGE_FLAGS = {"judge_model": "model", "model": "reward_model"}
+# A judge section's flags read like `selm eval mtbench`'s: --judge-model is the LLM judge's name
+# (judge.endpoint.model: an endpoint section's flags take no "endpoint-" of their own), so the reward
+# model's folder (judge.model) is --judge-reward-model.
+JUDGE_FLAGS = {"model": "reward_model"}
+# Flags of keys that moved into mtbench.judge, still accepted: {new key: old flag}.
+OLD_FLAGS = {f"mtbench.judge.{k}": f"--{k.replace('_', '-')}"
+             for k in ("api_key_env", "timeout_s", "max_retries", "max_concurrency")}
 
 
 FLAG_OF_KEY: dict[str, str] = {}
@@ -73,7 +77,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
                          default=None) -> None:
     """One --flag per field of a config section, documented from the field docstrings; a nested
     section (train.lora) gets its own group of prefixed flags (--lora-r)."""
-    from selm.config import type_name
+    from selm.config import EndpointConfig, type_name
 
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -82,15 +86,17 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, section: str, fl
     group = p.add_argument_group(f"{dotted}.* options (also settable as --set {dotted}.KEY=VALUE)")
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            _add_dataclass_flags(p, hints[f.name], f"{section}__{f.name}", f"{flag_prefix}{f.name}-",
-                                 getattr(default, f.name))
+            nested = flag_prefix if hints[f.name] is EndpointConfig and f.name == "endpoint" else f"{flag_prefix}{f.name}-"
+            _add_dataclass_flags(p, hints[f.name], f"{section}__{f.name}", nested, getattr(default, f.name))
             continue
-        flag = f"--{flag_prefix}{JUDGE_FLAGS.get(f.name, f.name) if flag_prefix == 'judge-' else f.name}".replace("_", "-")
+        renamed = JUDGE_FLAGS.get(f.name, f.name) if flag_prefix == "judge-" and cls is not EndpointConfig else f.name
+        flag = f"--{flag_prefix}{renamed}".replace("_", "-")
         if section == "model":
             flag = f"--model-{f.name.replace('_', '-')}" if f.name != "name_or_path" else "--model"
 
         FLAG_OF_KEY[f"{dotted}.{f.name}"] = flag
-        group.add_argument(flag, dest=f"{section}__{f.name}", default=None, metavar=type_name(hints[f.name]).upper()
+        aliases = [OLD_FLAGS[f"{dotted}.{f.name}"]] if f"{dotted}.{f.name}" in OLD_FLAGS else []
+        group.add_argument(flag, *aliases, dest=f"{section}__{f.name}", default=None, metavar=type_name(hints[f.name]).upper()
                            if len(type_name(hints[f.name])) < 24 else "VALUE",
                            # argparse %-formats help strings: a docstring's "95%" must be escaped.
                            help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})".replace("%", "%%"))

@@ -184,6 +184,118 @@ def check_extra_body(extra: dict, key: str) -> None:
 
 
 @dataclass
+class EndpointConfig:
+    """An LLM judge's OpenAI-compatible endpoint: the section rank.endpoint, evaluate.judge.endpoint and
+    pairwise.judge.endpoint (read by the kinds http_judge and llm_pairwise) and mtbench.judge. One
+    client set-up reads it (selm/engines/llm_client.py, endpoint_client)."""
+
+    url: Optional[str] = None
+    """Base URL of the OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    model: Optional[str] = None
+    """The judge's model name, as the endpoint knows it."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the API key (the key itself is never stored or logged)."""
+    timeout_s: float = 60.0
+    """Per-request timeout, in seconds. The default depends on the use, as before the section existed:
+    60 for rank, evaluate.judge and pairwise.judge, 120 for mtbench.judge (its judge explains before
+    it rates)."""
+    max_retries: int = 3
+    """Retries (exponential backoff, Retry-After honoured) of a request that fails."""
+    max_concurrency: int = 8
+    """Requests in flight at once (fewer for a while after the endpoint answers 429 Too Many
+    Requests). 1 sends one at a time."""
+    extra_body: dict = field(default_factory=dict)
+    """Extra fields for every request body, as the OpenAI SDK's `extra_body`; e.g.
+    {"structured_outputs": {"regex": "..."}} (vLLM's constrained decoding: with
+    "[^\\[\\]]{0,600}\\[\\[(10|[1-9])\\]\\]" a small MT-Bench judge ends with a rating it could not
+    otherwise be relied on to write) or {"chat_template_kwargs": {"enable_thinking": false}}. Fields
+    selm sets itself (model, messages, temperature, max_tokens, logprobs, top_logprobs, n, stream) are
+    refused."""
+
+    def __post_init__(self):
+        check_extra_body(self.extra_body, "endpoint.extra_body")
+        if not self.timeout_s > 0:
+            raise ConfigError("endpoint.timeout_s: must be > 0")
+        if self.max_retries < 0:
+            raise ConfigError("endpoint.max_retries: must be >= 0")
+        if self.max_concurrency < 1:
+            raise ConfigError("endpoint.max_concurrency: must be >= 1")
+
+
+_WARNED: set[str] = set()
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr, once per process for each old spelling, naming the new one."""
+    import sys
+
+    if old not in _WARNED:
+        _WARNED.add(old)
+        print(f"selm: warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+
+
+def renamed_keys(renames: dict[str, str]):
+    """Class decorator for a config section whose keys moved: `renames` maps each old key to its new
+    dotted key inside the section ("url" -> "endpoint.url"). The old keys still work in YAML, --set,
+    saved config.yaml files (build_section, upgrade_keys) and the constructor, each with a
+    deprecation line."""
+    def wrap(cls):
+        cls.RENAMED_KEYS = renames
+        init = cls.__init__
+        defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                    if f.default_factory is not dataclasses.MISSING}
+
+        def __init__(self, *args, **kwargs):
+            moved: dict[str, dict] = {}
+            for old in [k for k in kwargs if k in renames]:
+                sub, leaf = renames[old].split(".")
+                deprecated(f"{cls.__name__}({old}=...)", f"{cls.__name__}({sub}=EndpointConfig({leaf}=...))")
+                moved.setdefault(sub, {})[leaf] = kwargs.pop(old)
+            for sub, values in moved.items():
+                kwargs[sub] = dataclasses.replace(kwargs.get(sub) or defaults[sub](), **values)
+            init(self, *args, **kwargs)
+
+        __init__.__doc__ = init.__doc__
+        cls.__init__ = __init__
+        return cls
+    return wrap
+
+
+def _upgrade_section(cls: type, data: dict, prefix: str, warn: bool) -> dict:
+    """`data` (a YAML mapping of section `cls`) with its old keys moved to their new places."""
+    renames = getattr(cls, "RENAMED_KEYS", {})
+    if not isinstance(data, dict) or not any(k in renames for k in data):
+        return data
+    data = dict(data)
+    for old in [k for k in data if k in renames]:
+        sub, leaf = renames[old].split(".")
+        if warn:
+            deprecated(f"{prefix}.{old}", f"{prefix}.{renames[old]}")
+        inner = data.get(sub)
+        data[sub] = {**(inner if isinstance(inner, dict) else {}), leaf: data.pop(old)}
+    return data
+
+
+def upgrade_keys(data: Any, cls: type | None = None, prefix: str = "", warn: bool = False) -> Any:
+    """A whole config mapping (e.g. a saved config.yaml) with every old key moved to its new place,
+    so that old and new spellings compare equal; silent unless `warn`."""
+    cls = Config if cls is None else cls
+    data = _upgrade_section(cls, data, prefix, warn)
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    return {k: upgrade_keys(v, hints[k], f"{prefix}.{k}" if prefix else k, warn)
+            if k in hints and dataclasses.is_dataclass(hints[k]) else v for k, v in data.items()}
+
+
+# The judge-endpoint keys of a rank section before they became its `endpoint` section.
+_RANK_RENAMES = {"url": "endpoint.url", "judge_model": "endpoint.model",
+                 **{k: f"endpoint.{k}" for k in ("api_key_env", "timeout_s", "max_retries", "max_concurrency",
+                                                 "extra_body")}}
+
+
+@renamed_keys(_RANK_RENAMES)
+@dataclass
 class RankConfig:
     kind: Literal["callable", "reward_model", "pairwise", "pairrm", "http_judge", "llm_pairwise"] = "callable"
     """Ranker type: a Python function ("callable"), a sequence-classification reward model, a pairwise
@@ -207,24 +319,11 @@ class RankConfig:
     max_length: int = 1024
     """Longest (prompt + response) the reward model sees, in its own tokens. PairRM keeps its own
     trained lengths (prompt 1224, each candidate 412 tokens plus what the prompt leaves)."""
-    url: Optional[str] = None
-    """For "http_judge" and "llm_pairwise": base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
-    judge_model: Optional[str] = None
-    """For "http_judge" and "llm_pairwise": the model name sent to the endpoint."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable that holds the API key (the key itself is never stored)."""
-    timeout_s: float = 60.0
-    """Per-request timeout for the HTTP judge."""
-    max_retries: int = 3
-    """Retries (with backoff) for a failing HTTP request."""
-    max_concurrency: int = 8
-    """For "http_judge": requests in flight at once (fewer for a while after the endpoint answers 429
-    Too Many Requests). 1 sends one at a time."""
-    extra_body: dict = field(default_factory=dict)
-    """For "http_judge" and "llm_pairwise": extra fields for every request body, as the OpenAI SDK's
-    `extra_body`; e.g. {"structured_outputs": {"regex": "..."}} (vLLM's constrained decoding) or
-    {"chat_template_kwargs": {"enable_thinking": false}}. Fields selm sets itself (model, messages,
-    temperature, max_tokens, logprobs, top_logprobs, n, stream) are refused."""
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    """For "http_judge" and "llm_pairwise": the judge's OpenAI-compatible endpoint (url, model,
+    api_key_env, timeout_s: 60 by default, max_retries, max_concurrency, extra_body). The keys
+    url, judge_model, api_key_env, timeout_s, max_retries, max_concurrency and extra_body directly in
+    this section are the old spelling: still read, with a deprecation line."""
     on_error: Literal["fail", "skip"] = "fail"
     """A ranker error or a non-finite score: "fail" stops the stage with the error; "skip" drops that
     prompt and counts it."""
@@ -232,17 +331,10 @@ class RankConfig:
     """Allow model code from the reward model folder."""
 
     def __post_init__(self):
-        check_extra_body(self.extra_body, "rank.extra_body")
         if self.batch_size < 1:
             raise ConfigError("rank.batch_size: must be >= 1")
-        if self.max_retries < 0:
-            raise ConfigError("rank.max_retries: must be >= 0")
-        if self.max_concurrency < 1:
-            raise ConfigError("rank.max_concurrency: must be >= 1")
         if self.max_length < 1:
             raise ConfigError("rank.max_length: must be >= 1")
-        if self.timeout_s <= 0:
-            raise ConfigError("rank.timeout_s: must be > 0")
 
 
 @dataclass
@@ -486,8 +578,8 @@ class PairwiseEvalConfig:
     """`selm eval pairwise`: one model against a baseline, judged head to head (the loop does not read it)."""
     judge: RankConfig = field(default_factory=lambda: RankConfig(kind="llm_pairwise"))
     """The judge: "llm_pairwise" (an LLM behind an OpenAI-compatible endpoint that picks A or B; set
-    judge.url and judge.judge_model, the key comes from the variable judge.api_key_env), "pairwise"
-    (a function f(prompt, a, b) -> P(a beats b)), or a pointwise judge of the rank stage (callable,
+    judge.endpoint.url and judge.endpoint.model, the key comes from the variable
+    judge.endpoint.api_key_env), "pairwise" (a function f(prompt, a, b) -> P(a beats b)), or a pointwise judge of the rank stage (callable,
     reward_model, pairrm, http_judge) whose higher score wins, equal scores tie. judge.on_error "skip"
     leaves out the prompts the judge fails on, and counts them."""
     order: Literal["both", "random"] = "both"
@@ -517,6 +609,8 @@ class PairwiseEvalConfig:
             raise ConfigError("pairwise.seed: must be >= 0")
 
 
+@renamed_keys({"judge_url": "judge.url", "judge_model": "judge.model", "judge_extra_body": "judge.extra_body",
+               **{k: f"judge.{k}" for k in ("api_key_env", "timeout_s", "max_retries", "max_concurrency")}})
 @dataclass
 class MTBenchConfig:
     """`selm eval mtbench`: two-turn questions answered by the model, each answer rated 1-10 by an LLM
@@ -532,38 +626,22 @@ class MTBenchConfig:
     """0: greedy answers; > 0: one sample per turn (seeded by `seed`)."""
     batch_size: int = 8
     """Questions per generation batch."""
-    judge_url: Optional[str] = None
-    """Base URL of the judge's OpenAI-compatible API, e.g. http://localhost:8000/v1."""
-    judge_model: Optional[str] = None
-    """The judge's model name, as the endpoint knows it."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the judge's API key (the key itself is never stored or logged)."""
-    max_concurrency: int = 8
-    """Judge requests in flight at once (fewer for a while after a 429)."""
-    timeout_s: float = 120.0
-    """Per-request timeout for the judge."""
-    max_retries: int = 3
-    """Retries (exponential backoff, Retry-After honoured) of a judge request that fails."""
+    judge: EndpointConfig = field(default_factory=lambda: EndpointConfig(timeout_s=120.0))
+    """The judge's OpenAI-compatible endpoint (url, model, api_key_env, timeout_s: 120 by default,
+    max_retries, max_concurrency, extra_body). The keys judge_url, judge_model, judge_extra_body,
+    api_key_env, timeout_s, max_retries and max_concurrency directly in this section are the old
+    spelling: still read, with a deprecation line."""
     judge_max_tokens: int = 1024
     """Longest judge reply, in tokens (the judge explains, then gives the rating)."""
-    judge_extra_body: dict = field(default_factory=dict)
-    """Extra fields for every judge request body, as the OpenAI SDK's `extra_body`; e.g. vLLM's
-    {"structured_outputs": {"regex": "[^\\[\\]]{0,600}\\[\\[(10|[1-9])\\]\\]"}} makes a small judge
-    end with a rating it could not otherwise be relied on to write. Fields selm sets are refused."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples (over questions) for the 95% intervals."""
 
     def __post_init__(self):
-        check_extra_body(self.judge_extra_body, "mtbench.judge_extra_body")
-        for name in ("max_new_tokens", "batch_size", "max_concurrency", "judge_max_tokens", "bootstrap_samples"):
+        for name in ("max_new_tokens", "batch_size", "judge_max_tokens", "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"mtbench.{name}: must be >= 1")
         if self.temperature < 0:
             raise ConfigError("mtbench.temperature: must be >= 0 (0: greedy)")
-        if not self.timeout_s > 0:
-            raise ConfigError("mtbench.timeout_s: must be > 0")
-        if self.max_retries < 0:
-            raise ConfigError("mtbench.max_retries: must be >= 0")
 
 
 @dataclass
@@ -735,6 +813,7 @@ def build_section(cls: type, data: dict, prefix: str = "") -> Any:
     """The config dataclass `cls` from a YAML mapping, each value checked; `prefix` names it in errors."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    data = _upgrade_section(cls, data, prefix, warn=True)
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -774,8 +853,9 @@ def check_judge(name: str, rc: RankConfig) -> None:
         raise ConfigError(f"{name}.callable: required when {name}.kind is {rc.kind!r} (\"module:function\")")
     if rc.kind in ("reward_model", "pairrm") and not rc.model:
         raise ConfigError(f"{name}.model: required when {name}.kind is {rc.kind!r}")
-    if rc.kind in ("http_judge", "llm_pairwise") and not (rc.url and rc.judge_model):
-        raise ConfigError(f"{name}.url: url and judge_model are required when {name}.kind is {rc.kind!r}")
+    for key in ("url", "model"):
+        if rc.kind in ("http_judge", "llm_pairwise") and not getattr(rc.endpoint, key):
+            raise ConfigError(f"{name}.endpoint.{key}: required when {name}.kind is {rc.kind!r}")
 
 
 def check_for_loop(cfg: Config) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from selm import dist
-from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config
+from selm.config import Config, ConfigError, check_for_loop, config_to_dict, load_yaml, save_config, upgrade_keys
 from selm.io import (DONE_MARKER, InputError, atomic_write_jsonl, clean_stale_temporaries, ensure_stage, is_done,
                      is_done_everywhere, mark_done, on_main, read_json)
 from selm.data import split_from_config, write_split
@@ -65,7 +65,8 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     check_for_loop(cfg)
     path = Path(out) / "config.yaml"
     # None: nothing saved yet. The main rank's view of the folder decides for every rank.
-    diffs = on_main(lambda: _diff(load_yaml(path), config_to_dict(cfg), config_to_dict(Config()))
+    # Old key spellings (rank.url, ...) in a saved config are the same settings as their new ones.
+    diffs = on_main(lambda: _diff(upgrade_keys(load_yaml(path)), config_to_dict(cfg), config_to_dict(Config()))
                     if path.is_file() else None)
     if diffs is not None:
         if diffs and not allow_change:
@@ -77,7 +78,7 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
         from selm import run_changes
         from selm.config import config_from_dict
 
-        redo, split = run_changes.plan(config_from_dict(load_yaml(path)), cfg, out)
+        redo, split = run_changes.plan(config_from_dict(upgrade_keys(load_yaml(path))), cfg, out)
     dist.barrier()  # every rank has read the saved config before the main rank replaces it
     if dist.is_main() and diffs != []:
         if diffs:

@@ -14,23 +14,25 @@ from pathlib import Path
 from selm.config import Config, ConfigError, config_to_dict
 from selm.io import read_json, read_jsonl
 
-# Settings that change how fast or how loudly a stage runs, never what it writes.
+# Settings that change how fast or how loudly a stage runs, never what it writes (keys inside the stage's section).
 _NO_EFFECT = {
     "generate": {"num_threads", "vllm_gpu_memory_utilization", "vllm_enforce_eager"},
-    "rank": {"batch_size", "max_concurrency", "timeout_s", "max_retries", "api_key_env"},
+    "rank": {"batch_size", "endpoint.max_concurrency", "endpoint.timeout_s", "endpoint.max_retries",
+             "endpoint.api_key_env"},
     "train": {"logging_steps", "report_to", "tensorboard", "save_every_steps", "num_threads", "release_memory"},
     # Switching evaluation off leaves the evaluations already done as they are.
     "evaluate": {"enabled"},
 }
 
 
-def _flat(d: dict, prefix: str, skip: set[str] = frozenset()) -> dict:
+def _flat(d: dict, prefix: str, skip: set[str] = frozenset(), inner: str = "") -> dict:
+    """{prefix + dotted key: value} of a section; `skip` holds dotted keys inside it."""
     out = {}
     for k, v in d.items():
-        if k in skip:
+        if f"{inner}{k}" in skip:
             continue
-        if isinstance(v, dict) and k not in ("extra_body", "judge_extra_body"):
-            out.update(_flat(v, f"{prefix}{k}.", skip))
+        if isinstance(v, dict) and k != "extra_body":
+            out.update(_flat(v, f"{prefix}{k}.", skip, f"{inner}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

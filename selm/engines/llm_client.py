@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from selm.config import ConfigError, check_extra_body
+from selm.config import ConfigError, EndpointConfig, check_extra_body
 from selm.io import InputError
 
 MAX_WAIT_S = 60.0
@@ -108,7 +108,7 @@ class _Limiter:
 
 
 class ChatClient:
-    """See the module docstring. ``key`` ("rank", "evaluate.judge", "mtbench.judge") starts every
+    """See the module docstring. ``key`` ("rank.endpoint", "evaluate.judge.endpoint", "mtbench.judge") starts every
     error line, as ``{key}.url: ...``; ``backoff_s`` is the first retry's base wait (doubled each
     retry, times a random factor in [0.5, 1.5))."""
 
@@ -326,3 +326,11 @@ def first_token_logprobs(logprobs: Any) -> dict[str, float] | None:
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return None
     return None
+
+
+def endpoint_client(ep: EndpointConfig, key: str, *, backoff_s: float = 1.0) -> ChatClient:
+    """The client of an endpoint section (selm.config.EndpointConfig) at config key `key` ("rank.endpoint",
+    "mtbench.judge", ...): the one place an LLM judge's client is set up from config."""
+    return ChatClient(ep.url, ep.model, api_key_env=ep.api_key_env, timeout_s=ep.timeout_s,
+                      max_retries=ep.max_retries, max_concurrency=ep.max_concurrency, backoff_s=backoff_s, key=key,
+                      extra_body=ep.extra_body)

@@ -70,15 +70,14 @@ class Ranker:
 
 
 def chat_client(cfg: RankConfig, key: str, backoff_s: float):
-    """The ChatClient of an LLM judge (http_judge, llm_pairwise) from its rank settings."""
-    from selm.engines.llm_client import ChatClient, ChatError
+    """The ChatClient of an LLM judge (http_judge, llm_pairwise) from its section's `endpoint`."""
+    from selm.engines.llm_client import ChatError, endpoint_client
 
-    if not cfg.url or not cfg.judge_model:
-        raise RankerError(f"{key}.url: url and judge_model are required when {key}.kind is {cfg.kind!r}")
+    for name in ("url", "model"):
+        if not getattr(cfg.endpoint, name):
+            raise RankerError(f"{key}.endpoint.{name}: required when {key}.kind is {cfg.kind!r}")
     try:
-        return ChatClient(cfg.url, cfg.judge_model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                          max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency, backoff_s=backoff_s, key=key,
-                          extra_body=cfg.extra_body)
+        return endpoint_client(cfg.endpoint, f"{key}.endpoint", backoff_s=backoff_s)
     except ChatError as e:
         raise RankerError(str(e)) from None
 

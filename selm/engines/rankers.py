@@ -340,7 +340,7 @@ def render_conversation(prompt: Messages, response: str) -> str:
 
 class HttpJudgeRanker(Ranker):
     """Rates each (prompt, response) 1-10 with one request to ``{url}/chat/completions``, temperature 0,
-    a whole batch at once with at most ``cfg.max_concurrency`` requests in flight (selm/engines/
+    a whole batch at once with at most ``cfg.endpoint.max_concurrency`` requests in flight (selm/engines/
     llm_client.py: retries with backoff, Retry-After, fewer in flight after a 429, the key redacted).
 
     Ratings already obtained in the last batch are reused when the rank stage scores a failed

@@ -240,19 +240,17 @@ def judge_messages(q: Question, answer: list[str], turn: int) -> list[dict]:
 
 def judge_answers(cfg: Config, questions: list[Question], answers: dict[Any, list[str]]) -> list[dict]:
     """One judgment per (question, turn), in that order; every request concurrently (ChatClient)."""
-    from selm.engines.llm_client import ChatClient
+    from selm.engines.llm_client import endpoint_client
 
     m = cfg.mtbench
-    client = ChatClient(m.judge_url, m.judge_model, api_key_env=m.api_key_env, timeout_s=m.timeout_s,
-                        max_retries=m.max_retries, max_concurrency=m.max_concurrency, key="mtbench.judge",
-                        extra_body=m.judge_extra_body)
+    client = endpoint_client(m.judge, "mtbench.judge")
     cells = [(q, t) for q in questions for t in range(1, TURNS + 1)]
     replies = client.complete([judge_messages(q, answers[q.question_id], t) for q, t in cells],
                               where=[f"question_id {q.question_id!r}, turn {t}" for q, t in cells],
                               temperature=0, max_tokens=m.judge_max_tokens)
     return [{"question_id": q.question_id, "category": q.category, "turn": t,
              "score": parse_judge_rating(r.text), "judgment": r.text, "finish_reason": r.finish_reason,
-             "judge": m.judge_model}
+             "judge": m.judge.model}
             for (q, t), r in zip(cells, replies)]
 
 
@@ -306,9 +304,10 @@ def run_mtbench(cfg: Config, *, model: str | None = None, answers: str | Path | 
     m = cfg.mtbench
     if (model is None) == (answers is None):
         raise InputError("mtbench: give a model (folder, run folder, tiny or pypi:PACKAGE) or --answers FILE, not both")
-    if not m.judge_url or not m.judge_model:
-        raise InputError("mtbench.judge_url: a judge is required: --judge-url URL --judge-model NAME "
-                         "(an OpenAI-compatible endpoint)")
+    for name in ("url", "model"):
+        if not getattr(m.judge, name):
+            raise InputError(f"mtbench.judge.{name}: a judge is required: --judge-url URL --judge-model NAME "
+                             "(an OpenAI-compatible endpoint)")
     qpath = Path(m.questions) if m.questions else PACKAGED_QUESTIONS
     questions = load_questions(qpath)
     if answers is not None:
@@ -326,11 +325,11 @@ def run_mtbench(cfg: Config, *, model: str | None = None, answers: str | Path | 
     records = ensure_answers(out, key, build)
     by_id = {r["question_id"]: r["choices"][0]["turns"] for r in records}
 
-    judge = {"url": m.judge_url, "model": m.judge_model, "max_tokens": m.judge_max_tokens,
+    judge = {"url": m.judge.url, "model": m.judge.model, "max_tokens": m.judge_max_tokens,
              "prompt": sha256_json([JUDGE_SYSTEM, FIRST_TURN, SECOND_TURN])[:12]}
-    if m.judge_extra_body:  # (absent otherwise: judgments cached before the setting existed keep their key)
-        judge["extra_body"] = m.judge_extra_body
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", m.judge_model).strip("-")[:40]
+    if m.judge.extra_body:  # (absent otherwise: judgments cached before the setting existed keep their key)
+        judge["extra_body"] = m.judge.extra_body
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", m.judge.model).strip("-")[:40]
     jdir = out / f"judge-{slug}-{sha256_json({**judge, 'answers': key})[:8]}"
 
     def make(sd: Path) -> None:

@@ -38,7 +38,7 @@ def answers(source: str, flag: str, prompts: list[dict], prompts_file: Path, cfg
 
 def _llm_judgements(ranker, cfg: PairwiseEvalConfig, prompts, model_out, base_out) -> list[dict | str]:
     """Per prompt: {"model_win", "orders": [...]} or the error message of a skipped prompt. Every
-    request of the set is sent at once (at most judge.max_concurrency in flight)."""
+    request of the set is sent at once (at most judge.endpoint.max_concurrency in flight)."""
     rng = random.Random(cfg.seed)
     shown = [["model", "baseline"] if cfg.order == "both" else [rng.choice(["model", "baseline"])] for _ in prompts]
     items, owner = [], []
@@ -142,7 +142,7 @@ def run_pairwise(cfg: PairwiseEvalConfig, model: str, baseline: str, prompts_fil
 def _annotator(cfg: PairwiseEvalConfig) -> str:
     j = cfg.judge
     what = {"callable": j.callable, "pairwise": j.callable, "reward_model": j.model, "pairrm": j.model,
-            "http_judge": j.judge_model, "llm_pairwise": j.judge_model}[j.kind]
+            "http_judge": j.endpoint.model, "llm_pairwise": j.endpoint.model}[j.kind]
     return f"{j.kind}:{what}"
 
 

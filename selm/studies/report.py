@@ -110,7 +110,7 @@ def _source(name: str, gguf: str | None) -> str:
 
 
 def _judge(rc) -> str:
-    what = {"callable": rc.callable, "pairwise": rc.callable, "reward_model": rc.model, "http_judge": rc.judge_model}
+    what = {"callable": rc.callable, "pairwise": rc.callable, "reward_model": rc.model, "http_judge": rc.endpoint.model}
     return f"{rc.kind} `{what.get(rc.kind)}`"
 
 
