@@ -37,9 +37,12 @@ def test_yaml_overrides_and_round_trip(tmp_path):
     ("loop.alphas=[0, 1e-3]", r"loop.alphas: has 2 values, loop.iterations is 3"),
     ("loop.alphas=[0, -1e-3, 0]", r"loop.alphas: every value must be >= 0"),
     ("evaluate.judge.batch_size=0", r"evaluate.judge.batch_size: must be >= 1"),
-    ('evaluate.judge.extra_body={"model": "x"}', r"evaluate.judge.extra_body: model is set by selm itself"),
-    ("rank.extra_body=5", r"rank.extra_body: expected a mapping, got 5"),
-    ("rank.extra_body={a: .nan}", r"rank.extra_body: must be plain JSON"),
+    ('evaluate.judge.endpoint.extra_body={"model": "x"}', r"evaluate.judge.endpoint.extra_body: model is set by selm itself"),
+    ("rank.endpoint.extra_body=5", r"rank.endpoint.extra_body: expected a mapping, got 5"),
+    ("rank.endpoint.extra_body={a: .nan}", r"rank.endpoint.extra_body: must be plain JSON"),
+    # An old spelling's error names the key it now is.
+    ("rank.extra_body=5", r"rank.endpoint.extra_body: expected a mapping, got 5"),
+    ("mtbench.timeout_s=0", r"mtbench.judge.timeout_s: must be > 0"),
     ("train.max_prompt_length=2000", r"train.max_length: must be greater than train.max_prompt_length"),
     ("bogus=1", r"bogus: unknown key"),
 ])

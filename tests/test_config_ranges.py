@@ -13,13 +13,13 @@ NUMERIC = [key for key, tp, _, _ in describe_options()
 # a zero temperature). Every other numeric key must refuse 0.
 ZERO_OK = {
     "seed": [], "data.eval_size": [], "generate.num_samples": [],
-    "generate.temperature": ["generate.num_samples=0"], "rank.max_retries": [], "evaluate.judge.max_retries": [],
+    "generate.temperature": ["generate.num_samples=0"], "rank.endpoint.max_retries": [], "evaluate.judge.endpoint.max_retries": [],
     "pair.min_margin": [], "pair.missing_eos_penalty": [], "train.alpha": [], "train.warmup_ratio": [],
     "train.weight_decay": [], "train.adam_beta1": [], "train.adam_beta2": [], "train.max_grad_norm": [],
     "train.save_every_steps": [], "evaluate.temperature": [], "train.lora.r": [], "train.lora.dropout": [],
-    "mtbench.temperature": [], "mtbench.max_retries": [],
+    "mtbench.temperature": [], "mtbench.judge.max_retries": [],
     "report.exploration_prompts": [],
-    "pairwise.temperature": [], "pairwise.seed": [], "pairwise.judge.max_retries": [],
+    "pairwise.temperature": [], "pairwise.seed": [], "pairwise.judge.endpoint.max_retries": [],
 }
 
 

@@ -4,6 +4,7 @@ command end to end on two tiny models with a callable judge."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from helpers_cli import message_lines
 from selm.cli import main
-from selm.config import PairwiseEvalConfig, RankConfig
+from selm.config import EndpointConfig, PairwiseEvalConfig, RankConfig
 from selm.engines.llm_pairwise import LLMPairwiseRanker, parse_verdict, probability_of_a
 from selm.engines.ranker_base import RankerError
 from selm.io import InputError
@@ -48,10 +49,12 @@ def files(tmp_path, n=4):
 
 
 def cfg_for(url, **kw) -> PairwiseEvalConfig:
+    """judge_X: X of the judge (of its endpoint for an endpoint setting); the rest: pairwise settings."""
     judge = {k[6:]: v for k, v in kw.items() if k.startswith("judge_")}
+    endpoint = {k: judge.pop(k) for k in list(judge) if k in {f.name for f in dataclasses.fields(EndpointConfig)}}
     rest = {k: v for k, v in kw.items() if not k.startswith("judge_")}
-    return PairwiseEvalConfig(judge=RankConfig(kind="llm_pairwise", url=url, judge_model="judge-1",
-                                               api_key_env=KEY_ENV, **judge), bootstrap_samples=50, **rest)
+    return PairwiseEvalConfig(judge=RankConfig(kind="llm_pairwise", **judge, endpoint=EndpointConfig(
+        url=url, model="judge-1", api_key_env=KEY_ENV, **endpoint)), bootstrap_samples=50, **rest)
 
 
 def shown(body) -> tuple[str, str]:
@@ -161,7 +164,7 @@ def test_500s_are_retried_then_reported_in_one_line(judge_server, tmp_path, monk
     with pytest.raises(RankerError) as e:
         run_pairwise(cfg_for(down.url, judge_max_retries=2), str(model), str(base), prompts, tmp_path / "out2")
     msg = str(e.value)
-    assert "pairwise.judge.url:" in msg and "HTTP 500" in msg and "3 attempts" in msg and "prompt_id" in msg
+    assert "pairwise.judge.endpoint.url:" in msg and "HTTP 500" in msg and "3 attempts" in msg and "prompt_id" in msg
     assert "sk-secret-9" not in msg and "\n" not in msg
 
 
@@ -238,12 +241,16 @@ def test_cli_end_to_end_tiny_models_callable_judge(tmp_path, tiny_model_dir, cap
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     prompts, model, base = files(tmp_path)
     (tmp_path / "short.jsonl").write_text(model.read_text().splitlines()[0] + "\n")
+    # (A judge is needed before the answers are read; nothing is sent to it here.)
+    judge = ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j"]
     cases = [
-        (["--baseline", str(base), str(tmp_path / "short.jsonl")], "MODEL: .*short.jsonl has no output for prompt_id"),
-        (["--baseline", str(tmp_path / "nowhere"), str(model)], "--baseline: '.*nowhere' is neither a file of outputs"),
-        (["--baseline", str(base), str(model), "--set", "pairwise.order=sideways"], "pairwise.order: 'sideways' is not one of"),
-        (["--baseline", str(base), str(model), "--judge-kind", "callable"], "pairwise.judge.callable: required"),
-        (["--baseline", str(base), str(model)], "pairwise.judge.url: url and judge_model are required"),
+        (["--baseline", str(base), str(tmp_path / "short.jsonl"), *judge], "MODEL: .*short.jsonl has no output for prompt_id"),
+        (["--baseline", str(tmp_path / "nowhere"), str(model), *judge], "--baseline: '.*nowhere' is neither a file of outputs"),
+        (["--baseline", str(base), str(model), "--set", "pairwise.order=sideways"], r"pairwise.order \(--order\): 'sideways' is not one of"),
+        (["--baseline", str(base), str(model), "--judge-kind", "callable"], r"pairwise.judge.callable \(--judge-callable\): required"),
+        (["--baseline", str(base), str(model)], r"pairwise.judge.endpoint.url \(--judge-url\): required"),
+        (["--baseline", str(base), str(model), "--judge-url", "http://x/v1"],
+         r"pairwise.judge.endpoint.model \(--judge-model\): required"),
     ]
     for extra, pattern in cases:
         rc, _, err = _run(["eval", "pairwise", "--prompts", str(prompts), "--output-dir", str(tmp_path / "o"), *extra],
@@ -287,7 +294,7 @@ def test_a_judge_given_in_part_keeps_the_llm_pairwise_default():
     args = build_parser().parse_args(["eval", "pairwise", "m", "--baseline", "b", "--prompts", "p",
                                       "--judge-url", "http://x/v1", "--judge-model", "j"])
     judge = _pairwise_config(args).judge
-    assert (judge.kind, judge.url, judge.judge_model) == ("llm_pairwise", "http://x/v1", "j")
+    assert (judge.kind, judge.endpoint.url, judge.endpoint.model) == ("llm_pairwise", "http://x/v1", "j")
 
 
 def test_model_sources_run_folder_iter_k_and_files(tmp_path, tiny_model_dir):

@@ -193,7 +193,7 @@ def test_a_judge_that_stays_down_is_one_redacted_line_and_nothing_is_marked_done
                         "SELM_TEST_MTBENCH_KEY"))
     err = message_lines(capsys.readouterr().err)
     assert rc == 2 and len(err) == 1, err
-    assert re.fullmatch(rf"selm: error: mtbench\.judge\.url: {re.escape(down.url)}/chat/completions: HTTP 500 "
+    assert re.fullmatch(rf"selm: error: mtbench\.judge\.url \(--judge-url\): {re.escape(down.url)}/chat/completions: HTTP 500 "
                         r"Internal Server Error: boom Bearer \*\*\* \(1 attempt; question_id \d, turn \d\)", err[0])
     assert (out / "answers" / "DONE.json").is_file()  # the answers are kept for the next try
     assert not list(out.glob("judge-*/DONE.json")) and not list(out.glob("judge-*/scores.json"))
@@ -206,7 +206,7 @@ def test_a_judge_that_stays_down_is_one_redacted_line_and_nothing_is_marked_done
 
 def test_a_judge_is_required(tmp_path, tiny_model_dir, capsys):
     assert main(["eval", "mtbench", str(tiny_model_dir), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "mtbench.judge_url: a judge is required" in capsys.readouterr().err
+    assert "mtbench.judge.url: a judge is required" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -276,7 +276,7 @@ def test_help_documents_every_mtbench_option(capsys):
     keys = [(k.split(".", 1)[1], doc) for k, _, _, doc in describe_options() if k.startswith("mtbench.")]
     assert len(keys) == 13
     for name, doc in keys:
-        assert f"--{name.replace('_', '-')}" in text and doc.split()[0] in text, name
+        assert f"--{name.replace('_', '-').replace('.', '-')}" in text and doc.split()[0] in text, name
     for flag in ("--answers", "--config", "--output-dir", "--set", "model"):
         assert flag in text
 
@@ -290,7 +290,7 @@ def test_judge_extra_body_reaches_every_request_and_keys_the_judgments(tmp_path,
             "--judge-model", "j", "--output-dir", str(out)]
     regex = r"[^\[\]]{0,600}\[\[(10|[1-9])\]\]"
     extra = json.dumps({"structured_outputs": {"regex": regex}})
-    assert main(argv + ["--set", f"mtbench.judge_extra_body={extra}"]) == 0
+    assert main(argv + ["--set", f"mtbench.judge.extra_body={extra}"]) == 0
     assert len(judge.requests) == 12
     assert all(b["structured_outputs"] == {"regex": regex} and b["temperature"] == 0 for b, _ in judge.requests)
     (scores,) = out.glob("judge-*/scores.json")
@@ -300,9 +300,9 @@ def test_judge_extra_body_reaches_every_request_and_keys_the_judgments(tmp_path,
     assert len(judge.requests) == 24 and "structured_outputs" not in judge.requests[-1][0]
     assert len(list(out.glob("judge-*"))) == 2
     # A field selm sets itself is refused in one line, before any request.
-    assert main(argv + ["--set", 'mtbench.judge_extra_body={"temperature": 1}']) == 2
+    assert main(argv + ["--set", 'mtbench.judge.extra_body={"temperature": 1}']) == 2
     assert message_lines(capsys.readouterr().err) == [
-        "selm: error: mtbench.judge_extra_body (--judge-extra-body): temperature is set by selm itself; remove it"]
-    assert main(argv + ["--set", "mtbench.judge_extra_body=[1]"]) == 2
-    assert "mtbench.judge_extra_body (--judge-extra-body): expected a mapping" in capsys.readouterr().err
+        "selm: error: mtbench.judge.extra_body (--judge-extra-body): temperature is set by selm itself; remove it"]
+    assert main(argv + ["--set", "mtbench.judge.extra_body=[1]"]) == 2
+    assert "mtbench.judge.extra_body (--judge-extra-body): expected a mapping" in capsys.readouterr().err
     assert len(judge.requests) == 24

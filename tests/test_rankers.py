@@ -252,7 +252,7 @@ def test_http_judge_retries_a_500_then_succeeds(judge_server):
 
 def test_http_judge_gives_up_after_retries_and_on_4xx(judge_server):
     server = judge_server(lambda body, headers, n: (503, "down", 0))
-    with pytest.raises(RankerError, match=r"^rank\.url: .*/v1/chat/completions: HTTP 503 .*\(3 attempts; prompt_id 'z'\)"):
+    with pytest.raises(RankerError, match=r"^rank\.endpoint\.url: .*/v1/chat/completions: HTTP 503 .*\(3 attempts; prompt_id 'z'\)"):
         _http(server.url, max_retries=2).score([P], [["a"]], ids=["z"])
     assert len(server.requests) == 3
     server = judge_server(lambda body, headers, n: (401, "bad key", 0))
