@@ -313,3 +313,41 @@ def test_model_sources_run_folder_iter_k_and_files(tmp_path, tiny_model_dir):
     assert resolve_answer_source(str(tmp_path / "answers.jsonl"), "MODEL") is None
     with pytest.raises(InputError, match=r"^--baseline: .*not a model folder"):
         resolve_answer_source(str(tmp_path), "--baseline")
+
+
+def test_the_judge_endpoint_reaches_every_request_and_the_old_keys_still_work(judge_server, tmp_path, capsys,
+                                                                            monkeypatch):
+    from selm import config as config_module
+
+    monkeypatch.setattr(config_module, "_WARNED", set())  # this process's deprecation lines start afresh
+    monkeypatch.setenv(KEY_ENV, "sk-pw-1")
+    s = judge_server(prefers_good())
+    prompts, model, base = files(tmp_path, n=2)
+    common = ["eval", "pairwise", str(model), "--baseline", str(base), "--prompts", str(prompts),
+              "--set", "pairwise.bootstrap_samples=20"]
+    extra = {"chat_template_kwargs": {"enable_thinking": False}}
+    new = ["--set", f"pairwise.judge.endpoint.url={s.url}", "--judge-model", "pm",
+           "--set", f"pairwise.judge.endpoint.extra_body={json.dumps(extra)}", "--judge-api-key-env", KEY_ENV]
+    assert main(common + new + ["--output-dir", str(tmp_path / "new")]) == 0
+    assert len(s.requests) == 4  # 2 prompts, both orders
+    for body, headers in s.requests:
+        assert body["model"] == "pm" and body["chat_template_kwargs"] == extra["chat_template_kwargs"]
+        assert headers["Authorization"] == "Bearer sk-pw-1"
+    assert "deprecated" not in capsys.readouterr().err
+    old = ["--set", f"pairwise.judge.url={s.url}", "--set", "pairwise.judge.judge_model=pm",
+           "--set", f"pairwise.judge.extra_body={json.dumps(extra)}", "--set", f"pairwise.judge.api_key_env={KEY_ENV}"]
+    assert main(common + old + ["--output-dir", str(tmp_path / "old")]) == 0
+    assert sorted(json.dumps(b, sort_keys=True) for b, _ in s.requests[4:]) == sorted(
+        json.dumps(b, sort_keys=True) for b, _ in s.requests[:4])  # the same requests
+    new_result, old_result = (json.loads((tmp_path / d / "pairwise.json").read_text()) for d in ("new", "old"))
+    assert new_result["judge"] == old_result["judge"] == "llm_pairwise:pm"
+    lines = [l for l in capsys.readouterr().err.splitlines() if "deprecated" in l]
+    assert len(lines) == 4 and "selm: warning: pairwise.judge.url is deprecated; use pairwise.judge.endpoint.url" in lines
+    # The timeout and retries are the section's; the error names the new key and its flag.
+    slow = judge_server(lambda body, headers, n: (200, "A", 1.0))
+    assert main(common + ["--judge-url", slow.url, "--judge-model", "pm", "--judge-timeout-s", "0.2",
+                          "--judge-max-retries", "0", "--judge-max-concurrency", "1",
+                          "--output-dir", str(tmp_path / "slow")]) == 2
+    (err,) = message_lines(capsys.readouterr().err)
+    assert err.startswith(f"selm: error: pairwise.judge.endpoint.url (--judge-url): {slow.url}/chat/completions: "
+                          "timed out after 0.2 s (1 attempt;"), err

@@ -306,3 +306,42 @@ def test_judge_extra_body_reaches_every_request_and_keys_the_judgments(tmp_path,
     assert main(argv + ["--set", "mtbench.judge.extra_body=[1]"]) == 2
     assert "mtbench.judge.extra_body (--judge-extra-body): expected a mapping" in capsys.readouterr().err
     assert len(judge.requests) == 24
+
+
+def test_the_judge_section_reaches_every_request_and_the_old_keys_and_flags_still_work(
+        tmp_path, questions, judge_server, capsys, monkeypatch):
+    from selm import config as config_module
+
+    monkeypatch.setattr(config_module, "_WARNED", set())  # this process's deprecation lines start afresh
+    monkeypatch.setenv("SELM_TEST_MT_KEY", "sk-mt-1")
+    server = judge_server(_judge_reply)
+    answers = tmp_path / "mine.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q["question_id"], "turns": ["a", "b"]}) + "\n"
+                               for q in QUESTIONS))
+    extra = {"chat_template_kwargs": {"enable_thinking": False}}
+    (tmp_path / "c.yaml").write_text(json.dumps({"mtbench": {"judge": {
+        "url": server.url, "model": "jm", "api_key_env": "SELM_TEST_MT_KEY", "extra_body": extra}}}))
+    common = ["eval", "mtbench", "--answers", str(answers), "--questions", str(questions),
+              "--output-dir", str(tmp_path / "out")]
+    assert main(common + ["--config", str(tmp_path / "c.yaml")]) == 0
+    assert len(server.requests) == 12
+    for body, headers in server.requests:
+        assert body["model"] == "jm" and body["chat_template_kwargs"] == extra["chat_template_kwargs"]
+        assert headers["Authorization"] == "Bearer sk-mt-1"
+    assert "deprecated" not in capsys.readouterr().err
+    # The old keys (--set) and flags (--api-key-env) name the same judge: its judgments are reused.
+    old = ["--set", f"mtbench.judge_url={server.url}", "--set", "mtbench.judge_model=jm",
+           "--set", f"mtbench.judge_extra_body={json.dumps(extra)}", "--api-key-env", "SELM_TEST_MT_KEY"]
+    assert main(common + old) == 0
+    assert len(server.requests) == 12 and len(list((tmp_path / "out").glob("judge-*"))) == 1
+    lines = [l for l in capsys.readouterr().err.splitlines() if "deprecated" in l]
+    assert lines == [f"selm: warning: mtbench.{k} is deprecated; use mtbench.judge.{v}"
+                     for k, v in (("judge_url", "url"), ("judge_model", "model"), ("judge_extra_body", "extra_body"))]
+    # The timeout is the section's (old flag --timeout-s, new --judge-max-retries): one line naming the new key.
+    slow = judge_server(lambda body, headers, n: (200, "[[5]]", 1.0))
+    assert main(common + ["--judge-url", slow.url, "--judge-model", "slow", "--timeout-s", "0.2",
+                          "--judge-max-retries", "0", "--judge-max-concurrency", "1"]) == 2
+    (err,) = message_lines(capsys.readouterr().err)
+    assert err.startswith(f"selm: error: mtbench.judge.url (--judge-url): {slow.url}/chat/completions: "
+                          "timed out after 0.2 s (1 attempt;"), err
+    assert len(slow.requests) == 1
