@@ -44,8 +44,8 @@ def _leaks(out: Path, texts: list[str], key: str) -> list[str]:
 def _judge_settings(url: str) -> list[str]:
     args = []
     for section in ("rank", "evaluate.judge"):
-        args += ["--set", f"{section}.kind=http_judge", "--set", f"{section}.url={url}",
-                 "--set", f"{section}.judge_model=judge-1", "--set", f"{section}.api_key_env={KEY_ENV}"]
+        args += ["--set", f"{section}.kind=http_judge", "--set", f"{section}.endpoint.url={url}",
+                 "--set", f"{section}.endpoint.model=judge-1", "--set", f"{section}.endpoint.api_key_env={KEY_ENV}"]
     return args + ["--set", "loop.iterations=1"]
 
 
