@@ -839,6 +839,12 @@ def build_section(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(msg) from None
 
 
+def load_saved_config(path: str | os.PathLike) -> Config:
+    """A run folder's config.yaml. Old key spellings in it are read silently: the run wrote them,
+    not the user (a resumed run still gets the deprecation lines of the config it is given)."""
+    return config_from_dict(upgrade_keys(load_yaml(path)))
+
+
 def config_from_dict(data: dict) -> Config:
     if data is None:
         data = {}

@@ -76,9 +76,9 @@ def check_config(cfg: Config, out: Path, allow_change: bool) -> None:
     preflight(cfg, out)
     if diffs:
         from selm import run_changes
-        from selm.config import config_from_dict
+        from selm.config import load_saved_config
 
-        redo, split = run_changes.plan(config_from_dict(upgrade_keys(load_yaml(path))), cfg, out)
+        redo, split = run_changes.plan(load_saved_config(path), cfg, out)
     dist.barrier()  # every rank has read the saved config before the main rank replaces it
     if dist.is_main() and diffs != []:
         if diffs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selm.config import Config, config_from_dict, load_yaml
+from selm.config import Config, load_saved_config
 from selm.io import DONE_MARKER, FAILED_MARKER, InputError, is_done, read_json
 from selm.layout import ITERATION_GLOB, stage_dir, study_run
 from selm.layout import STAGES
@@ -25,7 +25,7 @@ def status(out: Path) -> list[tuple[str, str, str]]:
     if not (out / "config.yaml").is_file():
         raise InputError(f"{out}: not a selm run folder (no config.yaml); `selm status` reads the folder given "
                          "to `selm run --output-dir`, `selm train --output-dir`, `selm demo` or `selm sweep`")
-    cfg = config_from_dict(load_yaml(out / "config.yaml"))
+    cfg = load_saved_config(out / "config.yaml")
     rows = [("data", *_state(out / "data"))]
     for t, stage in run_stages(cfg):
         rows.append((f"iter_{t}/{stage}", *_state(stage_dir(out, t, stage))))

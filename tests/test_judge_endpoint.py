@@ -14,8 +14,9 @@ import yaml
 
 from selm import config as config_module
 from selm import loop, run_changes
+from selm.cli import main
 from selm.config import (Config, ConfigError, EndpointConfig, MTBenchConfig, RankConfig, config_to_dict,
-                         load_config)
+                         load_config, load_saved_config)
 from selm.engines.ranker_base import RankerError
 from selm.stages.evaluate import gold_scores
 from selm.stages.rank import run_rank
@@ -170,6 +171,10 @@ def test_resuming_a_run_saved_with_the_old_keys_is_no_config_change(tmp_path, ca
     before = (out / "config.yaml").read_bytes()
     loop.check_config(cfg, out, allow_change=False)  # the same settings: no "different config" refusal
     assert (out / "config.yaml").read_bytes() == before and not (out / "config_changes.log").exists()
+    # Readers of the run folder take the old spelling as it is, without telling the user off for it.
+    assert load_saved_config(out / "config.yaml") == cfg
+    assert main(["status", str(out)]) == 0
+    assert _warnings(capsys) == []
     # A real change to an old-spelt key is still one, named by its new key.
     with pytest.raises(ConfigError, match=r"rank\.endpoint\.model: 'j' -> 'k'"):
         loop.check_config(load_config(TINY, sets + ["rank.endpoint.model=k"]), out, allow_change=False)

@@ -187,9 +187,9 @@ def section(per_label: dict[str, list[dict]], plots: Path, cfg, kind: str) -> li
 
 def run_section(out: Path, data: dict, prompts: int | None = None) -> list[str]:
     """The section of a `selm run` report; puts its numbers in data["exploration"]."""
-    from selm.config import config_from_dict, load_yaml
+    from selm.config import load_saved_config
 
-    cfg = config_from_dict(load_yaml(Path(out) / "config.yaml"))
+    cfg = load_saved_config(Path(out) / "config.yaml")
     ex = run_exploration(out, cfg, prompts)
     rows = summarize([ex], cfg.evaluate.bootstrap_samples)
     data["exploration"] = {"prompts_scored": ex["prompts_scored"], "per_iteration": rows}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selm.config import config_from_dict, load_yaml
+from selm.config import load_saved_config
 from selm.io import DONE_MARKER, InputError, atomic_write_text, read_json
 from selm.studies.steps import Steps
 from selm.layout import stage_dir
@@ -26,7 +26,7 @@ def collect_run(out: Path) -> dict:
     """Everything the run report shows, as plain numbers (also saved as report.json)."""
     if not (out / "config.yaml").is_file():
         raise InputError(f"{out}: not a selm run folder (no config.yaml); `selm report` takes a run, demo or sweep folder")
-    cfg = config_from_dict(load_yaml(out / "config.yaml"))
+    cfg = load_saved_config(out / "config.yaml")
     T, samples = cfg.loop.iterations, cfg.evaluate.bootstrap_samples
     start = eval_rows(out, 0)
     rows = []
