@@ -244,12 +244,13 @@ def renamed_keys(renames: dict[str, str]):
         init = cls.__init__
         defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
                     if f.default_factory is not dataclasses.MISSING}
+        hints = typing.get_type_hints(cls)
 
         def __init__(self, *args, **kwargs):
             moved: dict[str, dict] = {}
             for old in [k for k in kwargs if k in renames]:
                 sub, leaf = renames[old].split(".")
-                deprecated(f"{cls.__name__}({old}=...)", f"{cls.__name__}({sub}=EndpointConfig({leaf}=...))")
+                deprecated(f"{cls.__name__}({old}=...)", f"{cls.__name__}({sub}={hints[sub].__name__}({leaf}=...))")
                 moved.setdefault(sub, {})[leaf] = kwargs.pop(old)
             for sub, values in moved.items():
                 kwargs[sub] = dataclasses.replace(kwargs.get(sub) or defaults[sub](), **values)
@@ -579,8 +580,8 @@ class PairwiseEvalConfig:
     judge: RankConfig = field(default_factory=lambda: RankConfig(kind="llm_pairwise"))
     """The judge: "llm_pairwise" (an LLM behind an OpenAI-compatible endpoint that picks A or B; set
     judge.endpoint.url and judge.endpoint.model, the key comes from the variable
-    judge.endpoint.api_key_env), "pairwise" (a function f(prompt, a, b) -> P(a beats b)), or a pointwise judge of the rank stage (callable,
-    reward_model, pairrm, http_judge) whose higher score wins, equal scores tie. judge.on_error "skip"
+    judge.endpoint.api_key_env), "pairwise" (a function f(prompt, a, b) -> P(a beats b)), or a
+    pointwise judge of the rank stage (callable, reward_model, pairrm, http_judge) whose higher score wins, equal scores tie. judge.on_error "skip"
     leaves out the prompts the judge fails on, and counts them."""
     order: Literal["both", "random"] = "both"
     """The LLM judge's presentation order: "both" judges every prompt with the model's answer first and

@@ -108,8 +108,8 @@ class _Limiter:
 
 
 class ChatClient:
-    """See the module docstring. ``key`` ("rank.endpoint", "evaluate.judge.endpoint", "mtbench.judge") starts every
-    error line, as ``{key}.url: ...``; ``backoff_s`` is the first retry's base wait (doubled each
+    """See the module docstring. ``key`` (the endpoint section: "rank.endpoint", "mtbench.judge", ...)
+    starts every error line, as ``{key}.url: ...``; ``backoff_s`` is the first retry's base wait (doubled each
     retry, times a random factor in [0.5, 1.5))."""
 
     def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
@@ -329,8 +329,8 @@ def first_token_logprobs(logprobs: Any) -> dict[str, float] | None:
 
 
 def endpoint_client(ep: EndpointConfig, key: str, *, backoff_s: float = 1.0) -> ChatClient:
-    """The client of an endpoint section (selm.config.EndpointConfig) at config key `key` ("rank.endpoint",
-    "mtbench.judge", ...): the one place an LLM judge's client is set up from config."""
+    """The client of an endpoint section (selm.config.EndpointConfig) at config key `key`
+    ("rank.endpoint", "mtbench.judge", ...): the one place an LLM judge's client is set up from config."""
     return ChatClient(ep.url, ep.model, api_key_env=ep.api_key_env, timeout_s=ep.timeout_s,
                       max_retries=ep.max_retries, max_concurrency=ep.max_concurrency, backoff_s=backoff_s, key=key,
                       extra_body=ep.extra_body)

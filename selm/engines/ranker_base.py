@@ -8,7 +8,7 @@ import math
 from typing import Any, Sequence
 
 from selm.chat import Messages
-from selm.config import RankConfig
+from selm.config import ConfigError, RankConfig, check_judge
 from selm.io import InputError
 
 
@@ -73,12 +73,10 @@ def chat_client(cfg: RankConfig, key: str, backoff_s: float):
     """The ChatClient of an LLM judge (http_judge, llm_pairwise) from its section's `endpoint`."""
     from selm.engines.llm_client import ChatError, endpoint_client
 
-    for name in ("url", "model"):
-        if not getattr(cfg.endpoint, name):
-            raise RankerError(f"{key}.endpoint.{name}: required when {key}.kind is {cfg.kind!r}")
     try:
+        check_judge(key, cfg)  # its url and model are there
         return endpoint_client(cfg.endpoint, f"{key}.endpoint", backoff_s=backoff_s)
-    except ChatError as e:
+    except (ChatError, ConfigError) as e:
         raise RankerError(str(e)) from None
 
 
