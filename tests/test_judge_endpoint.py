@@ -189,3 +189,14 @@ def test_endpoint_settings_that_change_only_speed_do_not_redo_the_rank_stage():
     other = load_config(None, ["rank.kind=http_judge", "rank.endpoint.url=http://a/v1", "rank.endpoint.model=n"])
     assert run_changes.stage_settings(other, 1, "rank")["rank.endpoint.model"] == "n"
     assert run_changes.stage_settings(base, 1, "rank")["rank.endpoint.extra_body"] == {}
+
+
+def test_a_study_saved_with_the_old_keys_is_the_same_study():
+    from selm.studies.study import same_study
+
+    spec = {"title": "t", "arms": [{"name": "a", "overrides": []}], "seeds": [0],
+            "base": {"rank": {"kind": "http_judge", "endpoint": {"url": "http://a/v1", "model": "m"}}}}
+    saved = {**spec, "base": {"rank": {"kind": "http_judge", "url": "http://a/v1", "judge_model": "m"}}}
+    assert same_study(saved, spec) and same_study(spec, spec)
+    assert not same_study({**saved, "base": {"rank": {"kind": "http_judge", "url": "http://b/v1", "judge_model": "m"}}},
+                          spec)

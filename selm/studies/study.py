@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selm.config import Config, ConfigError, apply_overrides, config_from_dict
+from selm.config import Config, ConfigError, apply_overrides, config_from_dict, upgrade_keys
 from selm.io import atomic_write_json, is_done, read_json
 from selm.layout import study_run
 
@@ -44,6 +44,12 @@ def arm_configs(study: dict) -> dict[str, Config]:
     Arms differ only in their overrides: any of them gives the settings they share (iterations,
     bootstrap samples)."""
     return {a["name"]: arm_config(study["base"], Arm(**a), study["seeds"][0]) for a in study["arms"]}
+
+
+def same_study(saved: dict, spec: dict) -> bool:
+    """Whether a saved study.json asks for the same study as `spec`, old key spellings in either base
+    config (rank.url, ...) counting as their new ones."""
+    return {**saved, "base": upgrade_keys(saved.get("base"))} == {**spec, "base": upgrade_keys(spec.get("base"))}
 
 
 def _training_only(overrides: list[str]) -> bool:
@@ -69,7 +75,7 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
     spec = {"title": title, "arms": [{"name": a.name, "overrides": a.overrides} for a in arms], "seeds": seeds,
             "base": base}
     spec_path = out / "study.json"
-    if spec_path.is_file() and read_json(spec_path) != spec and not allow_config_change:
+    if spec_path.is_file() and not same_study(read_json(spec_path), spec) and not allow_config_change:
         raise ConfigError(f"{spec_path}: this study was started with different arms, seeds or config; "
                           "pass --continue-with-new-config to go on with the new one")
     atomic_write_json(spec_path, spec)
