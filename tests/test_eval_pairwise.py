@@ -238,12 +238,14 @@ def test_cli_end_to_end_tiny_models_callable_judge(tmp_path, tiny_model_dir, cap
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     prompts, model, base = files(tmp_path)
     (tmp_path / "short.jsonl").write_text(model.read_text().splitlines()[0] + "\n")
+    judge = ["--judge-kind", "callable", "--judge-callable", "selm.toy_judges:vowels_gold"]  # checked first
     cases = [
-        (["--baseline", str(base), str(tmp_path / "short.jsonl")], "MODEL: .*short.jsonl has no output for prompt_id"),
-        (["--baseline", str(tmp_path / "nowhere"), str(model)], "--baseline: '.*nowhere' is neither a file of outputs"),
-        (["--baseline", str(base), str(model), "--set", "pairwise.order=sideways"], "pairwise.order: 'sideways' is not one of"),
-        (["--baseline", str(base), str(model), "--judge-kind", "callable"], "pairwise.judge.callable: required"),
-        (["--baseline", str(base), str(model)], "pairwise.judge.url: url and judge_model are required"),
+        (["--baseline", str(base), str(tmp_path / "short.jsonl"), *judge], "MODEL: .*short.jsonl has no output for prompt_id"),
+        (["--baseline", str(tmp_path / "nowhere"), str(model), *judge], "--baseline: '.*nowhere' is neither a file of outputs"),
+        (["--baseline", str(base), str(model), "--set", "pairwise.order=sideways"], r"pairwise.order \(--order\): 'sideways' is not one of"),
+        (["--baseline", str(base), str(model), "--judge-kind", "callable"],
+         r"pairwise.judge.callable \(--judge-callable\): required"),
+        (["--baseline", str(base), str(model)], r"pairwise.judge.url \(--judge-url\): url and judge_model are required"),
     ]
     for extra, pattern in cases:
         rc, _, err = _run(["eval", "pairwise", "--prompts", str(prompts), "--output-dir", str(tmp_path / "o"), *extra],
