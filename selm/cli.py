@@ -33,7 +33,8 @@ def _shared_flags() -> dict[str, argparse.ArgumentParser]:
                                      help="the run folder (train --pairs: the output folder)")
     flags["output_folder"].add_argument(
         "--output-dir", type=Path, default=None,
-        help="the run or study folder (default: runs/<config name> for run, runs/<command> for demo and sweep)")
+        help="the run or study folder (default: runs/<config name> for run, runs/<command> for demo and sweep, "
+             "runs/<preset or study file name> for study)")
     flags["new_config"].add_argument(
         "--continue-with-new-config", action="store_true",
         help="allow a changed config for an existing run or study folder (finished stages are kept)")

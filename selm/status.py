@@ -24,7 +24,7 @@ def status(out: Path) -> list[tuple[str, str, str]]:
                  else f"{out / 'model'} (a standalone `selm train` folder)")]
     if not (out / "config.yaml").is_file():
         raise InputError(f"{out}: not a selm run folder (no config.yaml); `selm status` reads the folder given "
-                         "to `selm run --output-dir`, `selm train --output-dir`, `selm demo` or `selm sweep`")
+                         "to `selm run --output-dir`, `selm train --output-dir`, `selm demo`, `selm sweep` or `selm study`")
     cfg = load_saved_config(out / "config.yaml")
     rows = [("data", *_state(out / "data"))]
     for t, stage in run_stages(cfg):

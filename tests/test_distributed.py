@@ -332,5 +332,29 @@ def test_lora_under_zero3_is_refused_with_a_clear_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selm.cli", "train", "--pairs", pairs, "--output-dir", tmp_path / "z",
                            "--set", "train.lora.r=4"], env={**env(), "ACCELERATE_USE_DEEPSPEED": "true"},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "train.lora.r: LoRA is not supported under ZeRO-3/FSDP" in proc.stderr
+    assert proc.returncode == 2 and "train.lora.r (--lora-r): LoRA is not supported under ZeRO-3/FSDP" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "z" / "DONE.json").exists()
+
+
+@pytest.mark.slow
+def test_zero3_loop_ranks_with_a_reward_model_loaded_whole_after_training(tmp_path):
+    """Iteration 2's rank stage runs in the processes that just trained under ZeRO-3 (transformers'
+    DeepSpeed setting is then on, and a plain load would partition the reward model's weights): the
+    ranker loads whole, and its scores equal those of the same model in a fresh process."""
+    import deepspeed  # noqa: F401 -- installed by the test set-up
+
+    from selm.config import RankConfig
+    from selm.engines.registry import build_ranker
+    from selm.io import read_jsonl
+    from test_rankers import _save_reward_model
+
+    rm = _save_reward_model(tmp_path / "rm", None)
+    out = tmp_path / "run"
+    run(accelerate_zero3("run", TINY, "--output-dir", out, "--set", "train.batch_size=2", "--set", "evaluate.enabled=false",
+                         "--set", "rank.kind=reward_model", "--set", f"rank.model={rm}"))
+    rows = read_jsonl(out / "iter_2" / "rank" / "scores.jsonl")
+    assert rows and (out / "iter_2" / "rank" / "DONE.json").is_file()
+    with build_ranker(RankConfig(kind="reward_model", model=str(rm))) as ranker:
+        fresh = ranker.score([r["prompt"] for r in rows], [r["candidates"] for r in rows])
+    for r, f in zip(rows, fresh):
+        assert r["scores"] == pytest.approx(f, abs=1e-5)

@@ -241,13 +241,13 @@ def test_cli_end_to_end_tiny_models_callable_judge(tmp_path, tiny_model_dir, cap
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     prompts, model, base = files(tmp_path)
     (tmp_path / "short.jsonl").write_text(model.read_text().splitlines()[0] + "\n")
-    # (A judge is needed before the answers are read; nothing is sent to it here.)
-    judge = ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j"]
+    judge = ["--judge-kind", "callable", "--judge-callable", "selm.toy_judges:vowels_gold"]  # checked first
     cases = [
         (["--baseline", str(base), str(tmp_path / "short.jsonl"), *judge], "MODEL: .*short.jsonl has no output for prompt_id"),
         (["--baseline", str(tmp_path / "nowhere"), str(model), *judge], "--baseline: '.*nowhere' is neither a file of outputs"),
         (["--baseline", str(base), str(model), "--set", "pairwise.order=sideways"], r"pairwise.order \(--order\): 'sideways' is not one of"),
-        (["--baseline", str(base), str(model), "--judge-kind", "callable"], r"pairwise.judge.callable \(--judge-callable\): required"),
+        (["--baseline", str(base), str(model), "--judge-kind", "callable"],
+         r"pairwise.judge.callable \(--judge-callable\): required"),
         (["--baseline", str(base), str(model)], r"pairwise.judge.endpoint.url \(--judge-url\): required"),
         (["--baseline", str(base), str(model), "--judge-url", "http://x/v1"],
          r"pairwise.judge.endpoint.model \(--judge-model\): required"),

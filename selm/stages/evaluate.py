@@ -42,13 +42,12 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
                  baselines: dict[str, Path] | None = None, seed: int = 0) -> dict:
     from selm.engines.generation import generator_from_config
     from selm.engines.sampling import SamplingParams
-    from selm.models import load_tokenizer, set_threads
+    from selm.models import set_threads
 
     ev, gc = cfg.evaluate, cfg.generate
     set_threads(gc.num_threads)
     prompts = read_jsonl(prompts_path)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     # The generate stage's backend (and its engine settings); evaluate's own batch size and limits.
     generator = generator_from_config(cfg, model_path, batch_size=ev.batch_size)
     greedy = ev.temperature == 0
@@ -60,7 +59,7 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
     gold = gold_scores(cfg, [p["prompt"] for p in prompts], texts)
     # finished=False: cut at evaluate.max_new_tokens before the end of turn.
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": s.text, "gold": g,
-             "length_tokens": len(tokenizer(s.text, add_special_tokens=False)["input_ids"]), "finished": s.finished}
+             "length_tokens": s.num_tokens, "finished": s.finished}  # as generated, not re-tokenised text
             for p, s, g in zip(prompts, samples, gold)]
     golds = [r["gold"] for r in rows]
     metrics = {
@@ -78,5 +77,5 @@ def run_evaluate(cfg: Config, model_path: Path, prompts_path: Path, stage_dir: P
         # Timing goes in the marker, not metrics.json, so that a resumed run's metrics equal a fresh one's.
         # Tokens generated, for the report's cost table (selm/studies/cost.py).
         mark_done(stage_dir, {"gold_mean": metrics["gold_mean"], "seconds": time.perf_counter() - t0,
-                              "tokens": sum(s.num_tokens for s in samples)})
+                              "tokens": sum(r["length_tokens"] for r in rows)})
     return metrics

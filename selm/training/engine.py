@@ -49,8 +49,6 @@ def create_engine(tc: TrainConfig) -> "Engine | FSDP2Engine":
 class Engine:
     """One process, DDP or DeepSpeed ZeRO-3, through accelerate."""
 
-    kind = "accelerate"
-
     def __init__(self, tc: TrainConfig):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
