@@ -430,8 +430,8 @@ class TrainConfig:
     at least one pair each), accumulating gradients: the same step up to float summation order, with
     the activations of one pass alive at a time. null: one pass per micro-batch. "auto": 1024 on a
     CPU (its matmuls already run at full rate there: faster and a lower peak; BENCHMARKS.md, "Memory",
-    has the figures), null on GPUs. Not under ZeRO-3/FSDP (their processes must run the same passes;
-    "auto" is null there)."""
+    has the figures), null on GPUs and under ZeRO-3/FSDP (an integer works there too: every process
+    runs as many passes as the busiest)."""
     max_length: int = 1024
     """Longest prompt + response, in tokens; responses are cut at the end to fit."""
     max_prompt_length: int = 512

@@ -115,9 +115,6 @@ def _prepare(tc: TrainConfig, stage_dir: Path) -> None:
 
 
 def _check_engine(engine: Engine, tc: TrainConfig, ref_model_path: Path | None) -> None:
-    if isinstance(tc.max_forward_tokens, int) and engine.sharded:
-        raise InputError("train.max_forward_tokens: not supported under ZeRO-3/FSDP (every process must run the "
-                         "same forward passes); use gradient checkpointing or a smaller train.batch_size there")
     if ref_model_path is not None and engine.sharded:
         raise InputError("--ref-model / train.reference=initial: a separate reference model is not supported under "
                          "ZeRO-3/FSDP yet; train without it (the start model is the reference) or with DDP")
