@@ -81,7 +81,8 @@ def test_the_demo_headline_reads_the_t_interval_over_its_seeds(demo):
     expected = ("SELM beat iterative DPO" if lo > 0.5 else "iterative DPO beat SELM" if hi < 0.5
                 else "no clear difference between SELM and iterative DPO at this size")
     headline = report.read_text().splitlines()[2]
-    assert headline.startswith(f"**At iteration 2: {expected}") and f"95% t-interval over seeds [{lo * 100:.1f}," in headline
+    shown = f"95% t-interval over seeds [{max(lo, 0) * 100:.1f}, {min(hi, 1) * 100:.1f}]"  # within [0, 100%]
+    assert headline.startswith(f"**At iteration 2: {expected}") and shown in headline
 
 
 def test_arms_share_only_training_independent_stages(demo):
@@ -204,3 +205,15 @@ def test_the_report_phase_prints_each_step_with_its_count(demo, capsys):
         assert scored == [("1", "3"), ("2", "3"), ("3", "3")]
     assert "exploration scoring of dpo/" not in err  # cached: nothing to do
     assert re.findall(r"^report: (\d)/4 ", err, re.M) == ["1", "2", "3", "4"]
+
+
+def test_the_headline_shows_a_win_rate_interval_within_0_and_100():
+    """Two seeds far apart give a t-interval past 0 and 100%: shown clipped, the verdict unchanged."""
+    from selm.studies.report import headline
+
+    h = {"mean": 0.48, "n": 128, "per_seed": [0.406, 0.555], "seed_ci95": [-0.463, 1.424], "ci95": [0.355, 0.605]}
+    start = {"mean": 0.6, "ci95": [0.5, 0.7]}
+    data = {"arms": ["selm", "dpo"], "iterations": 2, "seeds": [0, 1], "head_to_head": [None, h],
+            "per_arm": {a: {"win_vs_start": [None, None, start]} for a in ("selm", "dpo")}}
+    text = headline(data)
+    assert "no clear difference" in text and "t-interval over seeds [0.0, 100.0]" in text

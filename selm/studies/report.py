@@ -237,6 +237,9 @@ def headline(data: dict) -> str:
         if lo is None:
             seeds_ci = f"; bootstrap over prompts {boot}, which says nothing about another seed"
         else:
+            # A win rate lies in [0, 100%]: the interval is shown within it (the verdict reads it unclipped;
+            # clipping cannot move 50% in or out of it).
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
             seeds_ci = (f"; 95% t-interval over seeds [{lo * 100:.1f}, {hi * 100:.1f}]; bootstrap over seeds and prompts "
                         f"{boot}, which decides nothing (resampling a few seeds understates their spread)")
         return (f"**At iteration {T}: {verdict}.** Head-to-head gold win rate of SELM over DPO: {h['mean'] * 100:.1f}% "
