@@ -8,6 +8,8 @@ FSDP units) and OUT/model (a Hugging Face folder), and can save or resume a shar
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -79,3 +81,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # As selm.cli.main under a launcher: gloo's threads, destroyed in the interpreter's teardown,
+    # intermittently abort the process ("terminate called without an active exception").
+    os._exit(0)
