@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from selm import dist
-from selm.io import AtomicDir, atomic_write_json, read_json
+from selm.io import atomic_dir_everywhere, atomic_write_json, on_main, read_json
 
 EXTRA = "state.json"  # the step, schedule and metrics size (the same name as the other engines' checkpoints)
 
@@ -143,14 +143,11 @@ def save_sharded(path: str | os.PathLike, module: nn.Module, optimizer: torch.op
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    folder = AtomicDir(path)
-    tmp = Path(dist.broadcast(str(folder.__enter__()) if dist.is_main() else None))
-    model_state, optim_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state, _rng_key(): torch.get_rng_state()}, checkpoint_id=tmp)
-    if dist.is_main():
-        atomic_write_json(tmp / EXTRA, extra or {})
-        folder.__exit__(None, None, None)
-    dist.barrier()
+    with atomic_dir_everywhere(path) as tmp:
+        model_state, optim_state = get_state_dict(module, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state, _rng_key(): torch.get_rng_state()}, checkpoint_id=tmp)
+        if dist.is_main():
+            atomic_write_json(tmp / EXTRA, extra or {})
 
 
 def _weights_only_planner():
@@ -182,4 +179,4 @@ def load_sharded(path: str | os.PathLike, module: nn.Module, optimizer: torch.op
     dcp.load(state, checkpoint_id=Path(path), planner=_weights_only_planner())
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state[_rng_key()])
-    return dist.broadcast(read_json(Path(path) / EXTRA) if dist.is_main() else None)
+    return on_main(lambda: read_json(Path(path) / EXTRA))

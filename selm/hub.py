@@ -44,7 +44,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def model_dir(name: str, key: str, revision: str | None = None) -> Path:
+def model_snapshot(name: str, key: str, revision: str | None = None) -> Path:
     """A hub model's folder in the Hugging Face cache: downloaded unless offline (then the cache
     only). `key` is the config key that named it, for the one-line error."""
     from huggingface_hub import snapshot_download

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -182,6 +183,27 @@ def on_main(read: Callable[[], Any]) -> Any:
     from selm import dist
 
     return dist.broadcast(read() if dist.is_main() else None)
+
+
+@contextmanager
+def atomic_dir_everywhere(path: str | os.PathLike):
+    """AtomicDir for a folder that every process writes into (sharded checkpoints): the main process
+    makes the temporary folder and sends its name, all processes write into it, and once all are done
+    the main process renames it into place. Every process enters it together."""
+    from selm import dist
+
+    folder = AtomicDir(path) if dist.is_main() else None
+    tmp = Path(dist.broadcast(str(folder.__enter__()) if folder else None))
+    try:
+        yield tmp
+    except BaseException as e:
+        if folder:
+            folder.__exit__(type(e), e, e.__traceback__)
+        raise
+    dist.barrier()
+    if folder:
+        folder.__exit__(None, None, None)
+    dist.barrier()
 
 
 def is_done_everywhere(stage_dir: str | os.PathLike) -> bool:

@@ -164,9 +164,9 @@ def local_model_dir(name: str, key: str, revision: str | None = None) -> Path:
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return path
-    from selm.hub import model_dir
+    from selm.hub import model_snapshot
 
-    return model_dir(name, key, revision)
+    return model_snapshot(name, key, revision)
 
 
 def model_context_length(path: Path) -> int | None:

@@ -96,7 +96,7 @@ def test_the_main_rank_downloads_first(online, downloads, monkeypatch, tiny_mode
     for rank, want in (("0", ["download", "barrier"]), ("1", ["barrier", "download"])):
         events.clear()
         monkeypatch.setenv("RANK", rank)
-        hub.model_dir("org/m", "model.name_or_path")
+        hub.model_snapshot("org/m", "model.name_or_path")
         assert events == want, rank
 
 

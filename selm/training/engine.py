@@ -22,7 +22,7 @@ import torch
 
 from selm import dist, lora
 from selm.config import TrainConfig
-from selm.io import AtomicDir, InputError, atomic_write_json, on_main
+from selm.io import AtomicDir, InputError, atomic_dir_everywhere, atomic_write_json, on_main
 from selm.objective.logprobs import ResponseLogps
 from selm.precision import use_bf16
 
@@ -125,21 +125,17 @@ class Engine:
         engine's own checkpointing (accelerator.save_state) into the same folder."""
         from safetensors.torch import save_file
 
-        folder = AtomicDir(ckpt)
-        tmp = Path(dist.broadcast(str(folder.__enter__()) if self.is_main else None))
-        if self.sharded:
-            self.accelerator.save_state(str(tmp))
-        else:
-            rng = random_states()
+        with atomic_dir_everywhere(ckpt) as tmp:
+            if self.sharded:
+                self.accelerator.save_state(str(tmp))
+            else:
+                rng = random_states()
+                if self.is_main:
+                    save_file(lora.trainable_state(self.unwrap(module)), str(tmp / "model.safetensors"))
+                    torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "trainer_state.pt")
             if self.is_main:
-                save_file(lora.trainable_state(self.unwrap(module)), str(tmp / "model.safetensors"))
-                torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "trainer_state.pt")
-        dist.barrier()
-        if self.is_main:
-            atomic_write_json(tmp / STATE, {"step": step, "metrics_bytes": metrics_bytes,
-                                                   "scheduler": scheduler.state_dict()})
-            folder.__exit__(None, None, None)
-        dist.barrier()
+                atomic_write_json(tmp / STATE, {"step": step, "metrics_bytes": metrics_bytes,
+                                                "scheduler": scheduler.state_dict()})
 
     def load_checkpoint(self, ckpt: Path, module, optimizer, scheduler) -> tuple[int, int]:
         """Load the checkpoint at `ckpt` into model, optimizer, schedule and random state if there is one
@@ -176,10 +172,8 @@ class Engine:
         else:
             state = self.accelerator.get_state_dict(module)  # keys of ResponseLogps: "model." + the LM's own
             if self.is_main:
-                state = {k.removeprefix("model."): v for k, v in state.items()}
-                with AtomicDir(dest) as tmp:
-                    self.unwrap(module).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                    tokenizer.save_pretrained(tmp)
+                write_model_folder(self.unwrap(module), {k.removeprefix("model."): v for k, v in state.items()},
+                                   tokenizer, dest)
         dist.barrier()
 
     def release(self) -> None:
@@ -242,8 +236,9 @@ class FSDP2Engine:
         return module.model
 
     def forward_pass(self, module, *, last: bool):
-        # Gradients stay local until the step's last pass, which reduce-scatters their sum once.
-        module.set_requires_gradient_sync(last)
+        from selm import fsdp
+
+        fsdp.set_gradient_sync(module, last)  # reduce-scattered once, after the step's last pass
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -275,13 +270,19 @@ class FSDP2Engine:
 
         state = fsdp.full_state_dict(module, prefix="model.")  # every process takes part; the main one gets it
         if self.is_main:
-            with AtomicDir(dest) as tmp:
-                module.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
+            write_model_folder(module.model, state, tokenizer, dest)
         dist.barrier()
 
     def release(self) -> None:
         release_device_memory(self.device)
+
+
+def write_model_folder(model: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer, dest: Path) -> None:
+    """`model` with the gathered weights `state` and its tokenizer as one plain Hugging Face folder of
+    safetensors at `dest` (the main process's part of an engine's save_model)."""
+    with AtomicDir(dest) as tmp:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def _checkpoint_state(ckpt: Path) -> dict | None:

@@ -20,7 +20,7 @@ import torch
 from selm import dist
 from selm.config import Config
 from selm.data import load_pairs
-from selm.io import InputError
+from selm.io import InputError, on_main
 
 METRICS = "metrics.jsonl"
 PARTIAL = METRICS + ".partial"  # metrics.jsonl while training runs; renamed when the stage is done
@@ -116,7 +116,7 @@ class MetricsLog:
 
     def size(self) -> int:
         """Bytes written so far (a checkpoint records it; a resume truncates the file back to it)."""
-        return dist.broadcast(self.path.stat().st_size if self.main else 0)
+        return on_main(lambda: self.path.stat().st_size)
 
     def truncate(self, size: int) -> None:
         """Drop the rows written after the checkpoint a run resumes from (they will be redone)."""

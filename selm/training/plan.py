@@ -105,9 +105,9 @@ def forward_passes(step_examples: list[int], examples: list[TokenizedExample], *
     def passes(r: int) -> list[list[int]]:
         return split_by_tokens(micro_batches(step_examples, r, world, batch_size), examples, budget, layout)
 
-    mine = passes(rank)
-    most = max(len(passes(r)) for r in range(world)) if world > 1 else len(mine)
-    return [*mine, *[None] * (most - len(mine))]
+    every = [passes(r) for r in range(world)]
+    most = max(map(len, every))
+    return [*every[rank], *[None] * (most - len(every[rank]))]
 
 
 def tokens_per_epoch(examples: list[TokenizedExample], layout: str) -> int:
