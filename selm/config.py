@@ -134,6 +134,11 @@ class GenerateConfig:
     vllm_enforce_eager: bool = False
     """For backend "vllm": run the model eagerly, without torch.compile (and CUDA graphs): the engine
     starts faster and decodes slower; worth it for small jobs (the tests use it)."""
+    vllm_python: Optional[str] = None
+    """For backend "vllm": the Python interpreter the engine process runs under, e.g.
+    .venv-vllm/bin/python (a path, or a command on PATH), so that vLLM and its pinned packages live
+    in an environment of their own while selm runs in its own; null: the Python running selm (it
+    must then have vLLM). That Python needs selm's dependencies too; it imports this selm."""
     num_samples: int = 2
     """k sampled responses per prompt (candidates for ranking)."""
     temperature: float = 0.7

@@ -84,6 +84,23 @@ def test_missing_vllm_is_one_clear_line(tmp_path, tiny_model_dir):
     assert not (out / "iter_1" / "generate" / "DONE.json").exists()
 
 
+def test_a_vllm_python_without_vllm_is_one_clear_line(tiny_model_dir):
+    """generate.vllm_python names the Python the engine runs under: one that does not exist, or one
+    without vLLM (this environment's own), ends in one line naming the key."""
+    if importlib_util_find("vllm"):
+        pytest.skip("vLLM is installed here; this checks a Python without it")
+    params = SamplingParams(num_samples=1, max_new_tokens=4)
+    with pytest.raises(InputError) as e:
+        build_generator("vllm", tiny_model_dir, dtype="float32", batch_size=4, vllm_python="/no/such/python")
+    assert str(e.value).startswith("generate.vllm_python: '/no/such/python' is not an executable")
+    gen = build_generator("vllm", tiny_model_dir, dtype="float32", batch_size=4, vllm_python=sys.executable)
+    with pytest.raises(InputError) as e:
+        gen.generate(PROMPTS[:2], params)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"generate.vllm_python: {sys.executable} cannot import vllm")
+    assert "pip install 'selm[vllm]'" in msg
+
+
 def importlib_util_find(name: str) -> bool:
     import importlib.util
 
@@ -151,7 +168,8 @@ def _stage_files(d: Path, names) -> dict:
 @needs_vllm
 def test_generate_and_evaluate_stages_write_what_hf_writes(model_dir, tmp_path):
     """Greedy-only generate and evaluate stages: the same files, byte for byte, with either backend
-    (two engine starts)."""
+    (two engine starts), the engine run through generate.vllm_python (a Python named by path, as a
+    separate vLLM environment would be; the spawned path is test_greedy_...'s)."""
     from selm.stages.evaluate import run_evaluate
     from selm.stages.generate import run_generate
 
@@ -160,7 +178,8 @@ def test_generate_and_evaluate_stages_write_what_hf_writes(model_dir, tmp_path):
     files = {}
     for backend in ("hf", "vllm"):
         cfg = load_config(TINY, overrides=[f"generate.backend={backend}", "generate.num_samples=0",
-                                           "evaluate.temperature=0", "generate.vllm_enforce_eager=true"])
+                                           "evaluate.temperature=0", "generate.vllm_enforce_eager=true",
+                                           f"generate.vllm_python={sys.executable}"])
         d = tmp_path / backend
         stats = run_generate(cfg, model_dir, prompts, d / "generate", seed=0)
         run_evaluate(cfg, model_dir, prompts, d / "evaluate", seed=0)

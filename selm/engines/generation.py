@@ -277,11 +277,12 @@ BACKENDS = ("hf", "vllm")
 def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
                     batch_size: int, device: str | None = None, tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                    max_prompt_length: int | None = None) -> Generator:
+                    max_prompt_length: int | None = None, vllm_python: str | None = None) -> Generator:
     """A generation backend over a model folder. "hf" loads the model here (device: None picks CUDA
     when available; batch_size prompts per batch); "vllm" starts an engine on the folder for each
     `generate` call (selm/engines/vllm_backend.py; tensor_parallel_size, gpu_memory_utilization,
-    enforce_eager). Both cut prompts to max_prompt_length tokens as training does."""
+    enforce_eager, and the Python it runs under, vllm_python). Both cut prompts to max_prompt_length
+    tokens as training does."""
     if backend not in BACKENDS:
         raise ValueError(f"generate.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "vllm":
@@ -289,7 +290,7 @@ def build_generator(backend: str, model_path: str | Path, *, dtype: str, trust_r
 
         return VLLMGenerator(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                             enforce_eager=enforce_eager, max_prompt_length=max_prompt_length)
+                             enforce_eager=enforce_eager, max_prompt_length=max_prompt_length, python=vllm_python)
     from selm.models import default_device, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
@@ -313,7 +314,8 @@ def generator_from_config(cfg: Config, model_path: str | Path, *, batch_size: in
                            trust_remote_code=cfg.model.trust_remote_code, batch_size=batch_size,
                            tensor_parallel_size=g.tensor_parallel_size,
                            gpu_memory_utilization=g.vllm_gpu_memory_utilization, enforce_eager=g.vllm_enforce_eager,
-                           max_prompt_length=cfg.train.max_prompt_length if cut_prompts else None)
+                           max_prompt_length=cfg.train.max_prompt_length if cut_prompts else None,
+                           vllm_python=g.vllm_python)
 
 
 def generate_samples(model, tokenizer, prompts: Sequence[Messages | str], *, num_samples: int, temperature: float,

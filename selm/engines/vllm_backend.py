@@ -11,7 +11,9 @@
   was an end-of-turn token. Texts are decoded here by chat.decode_response.
 - The engine runs in a spawned process started for each `generate` call, on the model folder (the
   iteration's checkpoint): freeing a vLLM engine's memory inside a long-lived process is unreliable,
-  and a fresh process leaves training the whole device.
+  and a fresh process leaves training the whole device. With generate.vllm_python that process is
+  another Python (an environment of its own with vLLM, whose pins may differ from selm's), which
+  runs this module on the same selm source tree and exchanges pickled plain data through files.
 - Under several selm processes each rank runs its own engine on its share of the prompts (on its own
   tensor_parallel_size GPUs) and the results are gathered, in input order, on every rank.
 - The engine's memory share is derived from what is free when it starts (engine_memory): on a GPU
@@ -25,6 +27,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -175,6 +182,8 @@ def _engine_main(conn, spec: dict, jobs: list[tuple[list[list[int]], list[dict]]
         # further process would import vLLM again (tens of seconds on a small CPU).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would drown the stage's own
+        if spec.get("python") and not vllm_available():
+            raise InputError(f"generate.vllm_python: {spec['python']} cannot import vllm; {INSTALL_HINT}")
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
@@ -226,6 +235,18 @@ def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]],
     """Run `jobs` in one engine, in a freshly spawned process; returns per job and row the generated
     ids and vLLM's finish reason ("stop" or "length"). Errors in the engine are raised here.
     `seconds`, if given, receives the engine's start time and then each job's wall time."""
+    reply = _run_in_python(spec, jobs) if spec.get("python") else _run_spawned(spec, jobs)
+    if reply[0] == "ok":
+        if seconds is not None:
+            seconds.extend(reply[2])
+        return reply[1]
+    if reply[0] == "input":
+        raise InputError(reply[1].split(": ", 1)[1])
+    raise RuntimeError(f"vLLM engine failed: {reply[1]}\n--- engine traceback ---\n{reply[2]}")
+
+
+def _run_spawned(spec: dict, jobs) -> tuple:
+    """_engine_main in a process spawned from this Python; its reply tuple."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -234,19 +255,51 @@ def run_engine(spec: dict, jobs: list[tuple[list[list[int]], list[dict]]],
     proc.start()
     child.close()
     try:
-        reply = parent.recv()  # before join: a large reply would otherwise block the pipe
+        return parent.recv()  # before join: a large reply would otherwise block the pipe
     except EOFError:  # it died without a word (killed, out of memory)
         proc.join()
-        reply = ("error", f"the vLLM engine process died (exit code {proc.exitcode})", "")
+        return ("error", f"the vLLM engine process died (exit code {proc.exitcode})", "")
     finally:
         proc.join()
-    if reply[0] == "ok":
-        if seconds is not None:
-            seconds.extend(reply[2])
-        return reply[1]
-    if reply[0] == "input":
-        raise InputError(reply[1].split(": ", 1)[1])
-    raise RuntimeError(f"vLLM engine failed: {reply[1]}\n--- engine traceback ---\n{reply[2]}")
+
+
+class _FileConn:
+    """The engine's reply channel when it runs under another Python: one pickle in a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def send(self, obj) -> None:
+        with open(self.path, "wb") as f:
+            pickle.dump(obj, f)
+
+    def close(self) -> None:
+        pass
+
+
+def python_executable(python: str) -> str:
+    """generate.vllm_python as an executable path (a path, or a name found on PATH)."""
+    found = shutil.which(python)
+    if found is None:
+        raise InputError(f"generate.vllm_python: {python!r} is not an executable file or a command on PATH")
+    return found
+
+
+def _run_in_python(spec: dict, jobs) -> tuple:
+    """_engine_main under spec["python"], on this selm source tree; its reply tuple."""
+    import selm
+
+    src = str(Path(selm.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="selm-vllm-") as tmp:
+        request, reply = os.path.join(tmp, "request.pkl"), os.path.join(tmp, "reply.pkl")
+        with open(request, "wb") as f:
+            pickle.dump((spec, jobs), f)
+        proc = subprocess.run([spec["python"], "-m", "selm.engines.vllm_backend", request, reply], env=env)
+        if not os.path.exists(reply):  # it died without a word (killed, out of memory, no selm there)
+            return ("error", f"the vLLM engine process ({spec['python']}) died (exit code {proc.returncode})", "")
+        with open(reply, "rb") as f:
+            return pickle.load(f)
 
 
 def max_model_len(longest_prompt: int, max_new_tokens: int, context: int | None) -> int:
@@ -267,8 +320,12 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str | Path, *, dtype: str, trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 max_prompt_length: int | None = None):
-        require_vllm()
+                 max_prompt_length: int | None = None, python: str | None = None):
+        # Under another Python that Python's engine process checks for vLLM itself.
+        if python is None:
+            require_vllm()
+        else:
+            python = python_executable(python)
         from selm.models import load_tokenizer, model_context_length
 
         self.model_path = Path(model_path)
@@ -278,7 +335,7 @@ class VLLMGenerator:
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.spec = {"model": str(self.model_path), "dtype": dtype, "trust_remote_code": trust_remote_code,
                      "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
-                     "enforce_eager": enforce_eager, "stop_ids": self.stop_ids}
+                     "enforce_eager": enforce_eager, "stop_ids": self.stop_ids, "python": python}
 
     def generate(self, prompts: Sequence[Messages | str], params, progress: str | None = None) -> list[list]:
         from selm.engines.sampling import Sample, encode_for_generation
@@ -307,3 +364,13 @@ class VLLMGenerator:
         cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
         # "stop" is an end-of-turn token (the only stop condition we set); "length" is max_new_tokens.
         return Sample(decode_response(self.tokenizer, ids, self.stop_ids), cut, finish_reason == "stop")
+
+
+if __name__ == "__main__":  # the engine under generate.vllm_python: request and reply pickle paths
+    with open(sys.argv[1], "rb") as f:
+        _spec, _jobs = pickle.load(f)
+    _engine_main(_FileConn(sys.argv[2]), _spec, _jobs)
+    # The reply is written; vLLM's leftover threads must not keep this process alive.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
