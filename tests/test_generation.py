@@ -17,7 +17,7 @@ from selm.io import atomic_write_jsonl
 from selm.chat import decode_response, end_of_turn_ids
 from selm.config import load_config
 from selm.stages.generate import run_generate
-from selm.engines.generation import HFGenerator, decode_batch, generate, next_tokens
+from selm.engines.generation import HFGenerator, decode_batch, generate, next_tokens, packed_linears
 from selm.engines.sampling import SamplingParams, encode_for_generation, mix64, stream_keys
 from selm.io import InputError
 from selm.models import load_causal_lm, load_tokenizer
@@ -187,6 +187,26 @@ def test_stops_at_end_of_turn(talky):
     out = HFGenerator(model, tok, batch_size=8).generate(PROMPTS, params)
     assert all("<|im_end|>" not in s.text for r in out for s in r)
     assert [s.finished for r in out for s in r] == finished
+
+
+def test_packed_weights_give_the_plain_engines_tokens(talky):
+    """HFGenerator decodes on oneDNN-packed fp32 weights (packed_linears); the tokens are those of
+    the plain `linear` layers, sampled and greedy, and the model is given back unchanged."""
+    model, tok = talky
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    x = torch.randn(5, 3, linears[0].in_features)
+    with packed_linears(model):
+        assert all("forward" in vars(m) for m in linears)  # really packed, not silently skipped
+        assert torch.allclose(linears[0](x), torch.nn.functional.linear(x, linears[0].weight, linears[0].bias),
+                              atol=1e-5)
+    assert not any("forward" in vars(m) for m in linears)
+    enc = encode_for_generation(tok, PROMPTS)
+    params = SamplingParams(num_samples=3, temperature=1.0, max_new_tokens=32, include_greedy=True, seed=5)
+    plain = decode_batch(model, enc, list(range(len(enc))), params, end_of_turn_ids(tok), tok.pad_token_id)
+    with packed_linears(model):
+        packed = decode_batch(model, enc, list(range(len(enc))), params, end_of_turn_ids(tok), tok.pad_token_id)
+    assert packed == plain
+    assert len({tuple(r) for r in plain[0]}) > 8 and any(plain[1]) and not all(plain[1])
 
 
 def test_bad_prompt_is_a_one_line_error(talky):

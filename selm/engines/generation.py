@@ -8,7 +8,9 @@ and `num_return_sequences` prefills every prompt k times (benchmarks/generate.py
   ids), then results are put back in input order;
 - each prompt is prefilled ONCE; the KV cache is then repeated for its k samples (+ greedy row);
 - each step computes logits for the last position only; rows stop at the chat template's
-  end-of-turn token, and finished rows are dropped from the cache once a quarter of a batch is done.
+  end-of-turn token, and finished rows are dropped from the cache once a quarter of a batch is done;
+- on a CPU, fp32 linear layers run on weights pre-packed for oneDNN while a `generate` call lasts
+  (`packed_linears`): torch's default fp32 GEMM was up to 2x slower at decoding's few-row shapes.
 
 Sampling randomness is a counter-based hash of (seed, prompt index, sample index, step), one uniform
 per row and step, used by inverse-CDF sampling. So sample j of prompt i does not depend on batch
@@ -22,6 +24,7 @@ A backend is anything with `generate(prompts, params, progress) -> list[list[Sam
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Sequence
@@ -227,6 +230,49 @@ def decode_batch(model, prompt_ids: Sequence[Sequence[int]], prompt_index: Seque
 
 
 # --------------------------------------------------------------------------------------------
+# Pre-packed weights
+
+
+def _can_pack(model) -> bool:
+    # The packing ops are oneDNN's (present in CPU builds of torch with mkldnn); measured for fp32 only.
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and all(p.device.type == "cpu" for p in model.parameters()))
+
+
+@contextlib.contextmanager
+def packed_linears(model):
+    """While inside, the model's fp32 `nn.Linear` layers on a CPU multiply with a copy of their
+    weights reordered once into oneDNN's blocked layout (torch.ops.mkldnn._linear_pointwise).
+
+    torch's fp32 `linear` (MKL sgemm) re-reads the plain row-major weight every call; at decoding's
+    shapes (16-96 rows, K = 576-1536) oneDNN's packed kernels measured 1.1-2.2x faster on an AVX-512
+    CPU (the LM head most). Results equal `linear` up to float rounding. The copies cost as much
+    memory as those weights, so they are made only when twice that is available, and are freed on
+    exit; layers whose forward is already replaced (hooks, adapters) are left alone.
+    """
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+              and m.weight.dtype == torch.float32] if _can_pack(model) else []
+    if layers:
+        import psutil
+
+        if 2 * sum(m.weight.numel() * 4 for m in layers) > psutil.virtual_memory().available:
+            layers = []
+    try:
+        for m in layers:
+            m.forward = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()), m.bias)
+        yield
+    finally:
+        for m in layers:
+            vars(m).pop("forward", None)
+
+
+def _packed_forward(packed: torch.Tensor, bias):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return forward
+
+
+# --------------------------------------------------------------------------------------------
 # The Hugging Face backend
 
 
@@ -258,8 +304,8 @@ class HFGenerator:
         mine = dist.shard(batches)
         results: dict[int, list[Sample]] = {}
         R = params.rows_per_prompt
-        with tqdm(total=sum(map(len, mine)), desc=progress, unit="prompt",
-                  disable=progress is None or not dist.is_main()) as bar:
+        with packed_linears(self.model), tqdm(total=sum(map(len, mine)), desc=progress, unit="prompt",
+                                              disable=progress is None or not dist.is_main()) as bar:
             for batch in mine:
                 ids, done = decode_batch(self.model, [encoded[i] for i in batch], batch, params,
                                          self.stop_ids, self.pad_id)
