@@ -17,8 +17,8 @@ from selm.io import atomic_write_jsonl
 from selm.chat import decode_response, end_of_turn_ids
 from selm.config import load_config
 from selm.stages.generate import run_generate
-from selm.engines.generation import HFGenerator, decode_batch, generate, next_tokens, packed_linears
-from selm.engines.sampling import SamplingParams, encode_for_generation, mix64, stream_keys
+from selm.engines.generation import HFGenerator, decode_batch, generate, inverse_cdf, next_tokens, packed_linears
+from selm.engines.sampling import SamplingParams, encode_for_generation, mix64, stream_keys, uniforms
 from selm.io import InputError
 from selm.models import load_causal_lm, load_tokenizer
 
@@ -101,6 +101,29 @@ def test_sampler_follows_softmax_and_top_p():
     assert (freq[:2] - head).abs().max() < 0.015
     # Greedy rows take the argmax whatever their key.
     assert next_tokens(rows[:4], torch.ones(4, dtype=torch.bool), keys[:4], 0, 0.8, 1.0).tolist() == [0] * 4
+
+
+def whole_row(probs, u):
+    """The engine's former inverse-CDF search: one float64 cumulative sum over the whole row."""
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
+def test_two_level_search_picks_the_whole_row_cumsums_token():
+    """inverse_cdf (block sums, then one block) picks the token a float64 cumulative sum over the
+    whole row picks (the engine's former search), on vocabularies of whole and partial blocks, with
+    peaked, flat and partly zeroed rows; zero-probability tokens are never picked."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    for vocab in (49152, 1000, 300, 256, 7):
+        for scale in (0.5, 3.0, 10.0):
+            probs = torch.softmax(torch.randn(n, vocab, generator=g) * scale, -1)
+            probs[:n // 2] *= torch.rand(n // 2, vocab, generator=g) < 0.3
+            probs[:n // 2, 0] += 1e-3  # no row all zero
+            u = uniforms(stream_keys(vocab, torch.arange(n), torch.zeros(n, dtype=torch.long)), 0)
+            got = inverse_cdf(probs, u)
+            assert torch.equal(got, whole_row(probs, u)), (vocab, scale)
+            assert bool((probs.gather(1, got.unsqueeze(1)) > 0).all())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,9 +212,12 @@ def test_stops_at_end_of_turn(talky):
     assert [s.finished for r in out for s in r] == finished
 
 
-def test_packed_weights_give_the_plain_engines_tokens(talky):
-    """HFGenerator decodes on oneDNN-packed fp32 weights (packed_linears); the tokens are those of
-    the plain `linear` layers, sampled and greedy, and the model is given back unchanged."""
+def test_the_engine_gives_the_former_engines_tokens(talky, monkeypatch):
+    """HFGenerator decodes on oneDNN-packed fp32 weights (packed_linears) and searches the CDF in two
+    levels; its tokens, sampled and greedy, are those of the former engine (plain `linear` layers,
+    one whole-row cumulative sum), and the model is given back unchanged."""
+    from selm.engines import generation
+
     model, tok = talky
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     x = torch.randn(5, 3, linears[0].in_features)
@@ -200,9 +226,18 @@ def test_packed_weights_give_the_plain_engines_tokens(talky):
         assert torch.allclose(linears[0](x), torch.nn.functional.linear(x, linears[0].weight, linears[0].bias),
                               atol=1e-5)
     assert not any("forward" in vars(m) for m in linears)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        layer = torch.nn.Linear(64, 48).to(torch.bfloat16)
+        xb = x[..., :64].to(torch.bfloat16)
+        with packed_linears(layer):
+            assert "forward" in vars(layer)
+            assert torch.allclose(layer(xb).float(), torch.nn.functional.linear(xb, layer.weight, layer.bias).float(),
+                                  rtol=2e-2, atol=2e-2)
     enc = encode_for_generation(tok, PROMPTS)
     params = SamplingParams(num_samples=3, temperature=1.0, max_new_tokens=32, include_greedy=True, seed=5)
-    plain = decode_batch(model, enc, list(range(len(enc))), params, end_of_turn_ids(tok), tok.pad_token_id)
+    with monkeypatch.context() as m:
+        m.setattr(generation, "inverse_cdf", whole_row)
+        plain = decode_batch(model, enc, list(range(len(enc))), params, end_of_turn_ids(tok), tok.pad_token_id)
     with packed_linears(model):
         packed = decode_batch(model, enc, list(range(len(enc))), params, end_of_turn_ids(tok), tok.pad_token_id)
     assert packed == plain
