@@ -9,8 +9,9 @@ and `num_return_sequences` prefills every prompt k times (benchmarks/generate.py
 - each prompt is prefilled ONCE; the KV cache is then repeated for its k samples (+ greedy row);
 - each step computes logits for the last position only; rows stop at the chat template's
   end-of-turn token, and finished rows are dropped from the cache once a quarter of a batch is done;
-- on a CPU, fp32 linear layers run on weights pre-packed for oneDNN while a `generate` call lasts
-  (`packed_linears`): torch's default fp32 GEMM was up to 2x slower at decoding's few-row shapes.
+- on a CPU, fp32 (and bf16) linear layers run on weights pre-packed for oneDNN while a `generate`
+  call lasts (`packed_linears`): torch's default fp32 GEMM was up to 2x slower at decoding's
+  few-row shapes; sampling finds the inverse-CDF token in two levels (`inverse_cdf`).
 
 Sampling randomness is a counter-based hash of (seed, prompt index, sample index, step), one uniform
 per row and step, used by inverse-CDF sampling. So sample j of prompt i does not depend on batch
