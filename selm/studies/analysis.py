@@ -42,6 +42,7 @@ def _make_heldout_pairs(out: Path, d: Path) -> None:
     from selm.stages.evaluate import gold_scores
     from selm.engines.generation import generate
     from selm.models import load_causal_lm, load_tokenizer, set_threads
+    from selm.precision import generation_dtype
 
     study = load_study(out)
     first = Arm(**study["arms"][0])
@@ -56,7 +57,8 @@ def _make_heldout_pairs(out: Path, d: Path) -> None:
     # model over every pair) while giving intervals worth reading.
     prompts = read_jsonl(run / "data" / "eval.jsonl")[:HELDOUT_PROMPTS]
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype).eval()
+    # In the generate stages' dtype (generate.dtype), as the start model's evaluation was generated.
+    model = load_causal_lm(model_path, generation_dtype(cfg.generate.dtype, cfg.model.dtype, "cpu")).eval()
     samples = generate(model, tok, [p["prompt"] for p in prompts], num_samples=2,
                        temperature=max(cfg.generate.temperature, 1e-3), top_p=cfg.generate.top_p,
                        max_new_tokens=cfg.evaluate.max_new_tokens, greedy=False, batch_size=cfg.generate.batch_size,
