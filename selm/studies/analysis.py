@@ -143,6 +143,8 @@ def analyse_run(out: Path, arm: Arm, seed: int) -> None:
     cfg = arm_config(study["base"], arm, seed)
     run = study_run(out, arm.name, seed)
     set_threads(cfg.generate.num_threads)
+    if arm.name == study["arms"][0]["name"] and seed == study["seeds"][0]:
+        heldout_pairs(out)  # the pairs' own run makes them first, while runs finishing with it score exploration
     run_exploration(run, cfg)
     models = [start_model_path(cfg, run)] + [model_dir(run, t) for t in range(1, cfg.loop.iterations + 1)]
     models = [m for m in models if m.is_dir()]
