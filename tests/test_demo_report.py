@@ -116,6 +116,11 @@ def test_each_run_makes_its_share_of_the_report_as_it_finishes(demo, monkeypatch
     for arm in ("selm", "dpo"):
         for s in (0, 1):
             assert (out / arm / f"seed_{s}" / "analysis" / "exploration.json").is_file()
+    # The study's progress bar counts each run's analysis as a step after its stages.
+    from selm.studies.parallel import done_stages
+
+    runs = [(out / arm / f"seed_{s}", 2) for arm in ("selm", "dpo") for s in (0, 1)]
+    assert done_stages(runs, analysis=True) == done_stages(runs) + 4
     before = json.loads((out / "analysis" / "implicit_rewards.json").read_text())
 
     def no_scoring(*a, **k):

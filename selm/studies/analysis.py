@@ -148,13 +148,14 @@ def analyse_run(out: Path, arm: Arm, seed: int) -> None:
     run_exploration(run, cfg)
     models = [start_model_path(cfg, run)] + [model_dir(run, t) for t in range(1, cfg.loop.iterations + 1)]
     models = [m for m in models if m.is_dir()]
-    if len(models) < 2:
-        return
-    heldout_pairs(out)
-    with Steps(f"analysis of {arm.name}/seed_{seed}: held-out log-probs", len(models)) as steps:
-        for i, m in enumerate(models):
-            steps.start("start model" if i == 0 else f"iteration {i}'s model")
-            heldout_logps(out, m, cfg)
+    if len(models) >= 2:
+        heldout_pairs(out)
+        with Steps(f"analysis of {arm.name}/seed_{seed}: held-out log-probs", len(models)) as steps:
+            for i, m in enumerate(models):
+                steps.start("start model" if i == 0 else f"iteration {i}'s model")
+                heldout_logps(out, m, cfg)
+    # For the study's progress bar only: the numbers above are cached by what they depend on.
+    mark_done(run / "analysis", {"models": len(models)})
 
 
 def implicit_rewards(out: Path) -> Path:

@@ -74,10 +74,12 @@ def auto_jobs(runs: int) -> tuple[int, str]:
     return jobs, why
 
 
-def done_stages(runs: list[tuple[Path, int]]) -> int:
-    """Finished stages over the study's runs ((run folder, iterations) each), for the progress bar."""
+def done_stages(runs: list[tuple[Path, int]], analysis: bool = False) -> int:
+    """Finished stages over the study's runs ((run folder, iterations) each), for the progress bar;
+    with `analysis`, each run's analysis (its RUN/analysis done-marker) counts as one more."""
     n = 0
     for run, T in runs:
+        n += analysis and is_done(run / "analysis")
         n += is_done(run / "iter_0" / "evaluate")
         n += sum(is_done(stage_dir(run, t, s)) for t in range(1, T + 1)
                  for s in ("generate", "rank", "pair", "train", "evaluate"))

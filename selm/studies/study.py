@@ -87,7 +87,8 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
         raise ConfigError(f"{spec_path}: this study was started with different arms, seeds or config; "
                           "pass --continue-with-new-config to go on with the new one")
     atomic_write_json(spec_path, spec)
-    total = sum(stage_count(c) for c in cfgs.values())
+    # Each run's analysis (after_run) is one more step of the bar: it takes a while on real models.
+    total = sum(stage_count(c) for c in cfgs.values()) + (len(cfgs) if after_run is not None else 0)
     bar = tqdm(total=total, desc=title, unit="stage", position=0)
     try:  # closed before a stop or an error is printed, so the message gets a line of its own
         if jobs > 1 and len(arms) * len(seeds) > 1:
@@ -96,7 +97,7 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
             runs = [(study_run(out, a.name, s), cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
 
             def progress():
-                n = done_stages(runs)
+                n = done_stages(runs, analysis=after_run is not None)
                 if n != bar.n:  # a refresh writes a whole line when stderr is not a terminal
                     bar.n = n
                     bar.refresh()
@@ -149,7 +150,11 @@ def _run_arm(base: dict, out: Path, arms: list[Arm], i: int, s: int, allow_confi
     if bar is not None:
         bar.update(1)
     if after_run is not None:
+        if bar is not None:
+            bar.set_postfix_str(f"{arm.name} seed {s} analysis")
         after_run(out, arm, s)
+        if bar is not None:
+            bar.update(1)
 
 
 def _share(src: Path, dst: Path) -> None:
