@@ -129,8 +129,10 @@ class GenerateConfig:
     the environment variable VLLM_CPU_KVCACHE_SPACE (GiB) sets it."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the generate, evaluate and mtbench stages run the model in (both backends; the saved
-    weights keep model.dtype). "auto": bfloat16 on a CUDA GPU that supports it, else model.dtype (also
-    on a CPU with bf16 instructions: set bfloat16 to opt in there)."""
+    weights keep model.dtype). "auto": bfloat16 where the device multiplies it natively (a CUDA GPU
+    that supports it; a CPU with AMX-BF16, AVX512-BF16 or Arm BF16: 1.75x fp32's speed at the demo's
+    settings on such a CPU), else model.dtype (a CPU without bf16 instructions would emulate it, many
+    times slower). Set float32 for the same generations on every CPU."""
     vllm_enforce_eager: bool = False
     """For backend "vllm": run the model eagerly, without torch.compile (and CUDA graphs): the engine
     starts faster and decodes slower; worth it for small jobs (the tests use it)."""

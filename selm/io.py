@@ -260,3 +260,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@contextmanager
+def exclusive_lock(lock: str | os.PathLike):
+    """An exclusive advisory lock (POSIX flock) on the file `lock`, across processes (a conversion
+    into the shared model cache, a study's analysis made once); yields whether it is held (without
+    fcntl, on Windows, nothing is locked)."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

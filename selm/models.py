@@ -14,7 +14,7 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from selm.io import AtomicDir, InputError
+from selm.io import AtomicDir, InputError, exclusive_lock
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -96,31 +96,13 @@ def _converted(gguf: Path, dtype: str) -> Path:
     key = hashlib.sha256(f"{_content_key(gguf)}|{dtype}".encode()).hexdigest()[:16]
     dest = cache_root() / "models" / f"{gguf.stem}-{key}"
     if not (dest / "config.json").is_file():
-        with _exclusive(dest.with_name(f".{dest.name}.lock")) as locked:
+        with exclusive_lock(dest.with_name(f".{dest.name}.lock")) as locked:
             if not (dest / "config.json").is_file():  # another process may have converted it meanwhile
                 if locked:  # no one else is converting: a temporary folder is from a killed run
                     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
                         shutil.rmtree(stale, ignore_errors=True)
                 convert_gguf(gguf, dest, dtype)
     return dest
-
-
-@contextmanager
-def _exclusive(lock: Path):
-    """An exclusive advisory lock (POSIX flock) for one conversion into the shared cache; yields
-    whether it is held (without fcntl, on Windows, nothing is locked)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def materialize_model(model_cfg, run_dir: Path | None = None, seed: int = 0) -> Path:

@@ -70,14 +70,13 @@ def native_bf16(device) -> bool:
 
 
 def generation_dtype(setting: str, weights_dtype: str, device) -> str:
-    """`generate.dtype` for `device`: a dtype name as given; "auto": "bfloat16" on a CUDA GPU that
-    has it (what the SELM authors generate in: half the memory of fp32 weights and KV cache), else
-    the weights' own dtype. CPUs keep the weights' dtype even with bf16 instructions: bf16 generation
-    speed there is unmeasured, and the CPU results selm documents are fp32 generations."""
+    """`generate.dtype` for `device`: a dtype name as given; "auto": "bfloat16" where the device
+    multiplies bf16 natively (a CUDA GPU that has it -- what the SELM authors generate in -- or a CPU
+    with bf16 instructions: 1.75x fp32's samples/s at the demo's settings on a 2-core AMD EPYC with
+    AVX512-BF16, BENCHMARKS.md), else the weights' own dtype (emulated bf16 is many times slower)."""
     if setting != "auto":
         return setting
-    device = torch.device(device)
-    return "bfloat16" if device.type == "cuda" and native_bf16(device) else weights_dtype
+    return "bfloat16" if native_bf16(device) else weights_dtype
 
 
 def autocast_dtype(setting: bool | str, device) -> torch.dtype | None:

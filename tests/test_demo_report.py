@@ -103,6 +103,57 @@ def test_implicit_rewards_on_heldout_pairs(demo):
     assert ir["diff"][0]["chosen"]["n"] == 2 * len(pairs)  # seeds x held-out pairs
 
 
+def test_each_run_makes_its_share_of_the_report_as_it_finishes(demo, monkeypatch):
+    """Each run's analysis (its exploration statistics, the held-out log-probs of its models) is made
+    by the run itself when it finishes, so under --jobs it runs in parallel: the report phase then
+    scores nothing, and its numbers are the cached ones."""
+    from selm.studies import analysis, exploration
+    from selm.studies.demo import _finish
+
+    out, _ = demo
+    # 4 start models (the tiny model is built from each run's seed) + 2 arms x 2 seeds x 2 iterations.
+    assert len(list((out / "analysis" / "implicit").glob("*.json"))) == 12
+    for arm in ("selm", "dpo"):
+        for s in (0, 1):
+            assert (out / arm / f"seed_{s}" / "analysis" / "exploration.json").is_file()
+    # The study's progress bar counts each run's analysis as a step after its stages.
+    from selm.studies.parallel import done_stages
+
+    runs = [(out / arm / f"seed_{s}", 2) for arm in ("selm", "dpo") for s in (0, 1)]
+    assert done_stages(runs, analysis=True) == done_stages(runs) + 4
+    before = json.loads((out / "analysis" / "implicit_rewards.json").read_text())
+
+    def no_scoring(*a, **k):
+        raise AssertionError("the report phase scored a model")
+
+    monkeypatch.setattr(analysis, "_logps", no_scoring)
+    monkeypatch.setattr(exploration, "score_responses", no_scoring)
+    _finish(out)
+    assert json.loads((out / "analysis" / "implicit_rewards.json").read_text()) == before
+
+
+def test_held_out_log_probs_are_scored_again_when_the_model_changes(demo, monkeypatch):
+    import os
+
+    from selm.studies import analysis
+    from selm.studies.study import Arm, arm_config, load_study
+
+    out, _ = demo
+    study = load_study(out)
+    cfg = arm_config(study["base"], Arm(**study["arms"][0]), 0)
+    model = out / "selm" / "seed_0" / "iter_1" / "train" / "model"
+    scored = []
+    real = analysis._logps
+    monkeypatch.setattr(analysis, "_logps", lambda path, *a: scored.append(path) or real(path, *a))
+    first = analysis.heldout_logps(out, model, cfg)
+    assert scored == []  # the run's own analysis made it
+    w = next(model.glob("*.safetensors"))
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))  # as a retrained model's new file
+    again = analysis.heldout_logps(out, model, cfg)
+    assert scored == [model]
+    assert again["chosen"] == pytest.approx(first["chosen"]) and again["rejected"] == pytest.approx(first["rejected"])
+
+
 def test_rerun_resumes_without_redoing(demo):
     out, _ = demo
     before = (out / "selm" / "seed_0" / "iter_2" / "train" / "DONE.json").stat().st_mtime_ns

@@ -164,9 +164,9 @@ def test_generate_dtype_reaches_both_backends(engines, backend, tmp_path, tiny_m
     from selm.stages.generate import run_generate
 
     prompts = _prompts(tmp_path, [[{"role": "user", "content": "hi"}]])
-    # "auto" on this CPU: the weights' dtype, even where the CPU has bf16 instructions.
+    # "auto": bf16 where the CPU has bf16 instructions, else the weights' dtype.
     for setting, native, want in (("bfloat16", False, "bfloat16"), ("auto", False, "float32"),
-                                  ("auto", True, "float32"), ("float16", True, "float16")):
+                                  ("auto", True, "bfloat16"), ("float16", True, "float16")):
         monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
         cfg = load_config(TINY, overrides=[f"generate.backend={backend}", f"generate.dtype={setting}",
                                            "generate.max_new_tokens=2", "generate.num_samples=1"])
@@ -175,17 +175,21 @@ def test_generate_dtype_reaches_both_backends(engines, backend, tmp_path, tiny_m
         assert got == want, (setting, native)
 
 
-def test_auto_dtype_is_bf16_on_a_gpu_that_has_it(monkeypatch):
+def test_auto_dtype_is_bf16_where_the_device_has_it(monkeypatch):
     import torch
 
     from selm import precision
 
     gpu = torch.device("cuda", 0)
-    for native, want in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
-        assert precision.generation_dtype("auto", "float32", gpu) == want
-        assert precision.generation_dtype("auto", "float32", "cpu") == "float32"
-    assert precision.generation_dtype("float16", "float32", gpu) == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for cpu_bf16, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(precision, "cpu_native_bf16", lambda v=cpu_bf16: v)
+        assert precision.generation_dtype("auto", "float32", "cpu") == want
+        assert precision.generation_dtype("auto", "float32", gpu) == "bfloat16"
+        assert precision.generation_dtype("float16", "float32", gpu) == "float16"
+        assert precision.generation_dtype("float32", "float32", "cpu") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.generation_dtype("auto", "float32", gpu) == "float32"
 
 
 def test_evaluate_generates_in_the_generate_dtype(engines, tmp_path, tiny_model_dir):
@@ -202,7 +206,10 @@ def test_generate_dtype_is_validated():
 
     with pytest.raises(ConfigError, match="generate.dtype"):
         load_config(TINY, overrides=["generate.dtype=fp8"])
-    assert load_config(TINY).generate.dtype == "auto"
+    from selm.config import Config
+
+    assert Config().generate.dtype == "auto"
+    assert load_config(TINY).generate.dtype == "float32"  # the tiny config: the same tokens on every CPU
 
 
 # --------------------------------------------------------------------------------------------

@@ -285,3 +285,12 @@ def test_one_seed_gives_no_verdict_and_says_why():
     g = {"value": 0.5, "ci95": [0.4, 0.6], "seed_ci95": [None, None]}
     assert "No verdict on alpha" in sweep_headline({"alpha_1": {"gold": g}})
     assert "one seed: no interval" in findings_lines.__globals__["_ci"](g)
+
+
+def test_the_findings_show_a_rate_interval_within_0_and_100_and_a_difference_unclipped():
+    """Two seeds far apart (the demo: SELM vs start 64.1% and 51.6%) give a t-interval past 0 and 100%:
+    a rate is shown within [0, 100%], as the headline shows it; a difference of rates may be negative."""
+    ci = findings_lines.__globals__["_ci"]
+    s = {"mean": 0.578, "ci95": [0.46, 0.70], "seed_ci95": [-0.216, 1.372]}
+    assert ci(s, True, rate=True) == "57.8% [0, 100]"
+    assert ci(s, True) == "57.8% [-21.6, 137]"

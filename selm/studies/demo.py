@@ -24,6 +24,13 @@ def _base(config: Path | None, quick: bool, overrides: list[str]) -> dict:
     return apply_overrides(base, list(overrides))
 
 
+def _analyse(out: Path, arm, seed: int) -> None:
+    """Each run's share of the report (run_study's after_run)."""
+    from selm.studies.analysis import analyse_run
+
+    analyse_run(out, arm, seed)
+
+
 def _finish(out: Path) -> Path:
     from selm.studies.analysis import implicit_rewards
     from selm.studies.report import build_report
@@ -33,7 +40,7 @@ def _finish(out: Path) -> Path:
 
 
 def run_demo(out: Path, *, quick: bool = False, seeds: list[int] | None = None, config: Path | None = None,
-             overrides: list[str] = (), allow_config_change: bool = False, jobs: int = 1) -> Path:
+             overrides: list[str] = (), allow_config_change: bool = False, jobs: int | None = 1) -> Path:
     from selm.config import config_from_dict
     from selm.studies.study import Arm, run_study
 
@@ -46,19 +53,19 @@ def run_demo(out: Path, *, quick: bool = False, seeds: list[int] | None = None, 
     seeds = seeds or ([0] if quick else [0, 1])
     arms = [Arm("selm", [f"train.alpha={alpha}"]), Arm("dpo", ["train.alpha=0"])]
     run_study(base, out, arms, seeds, allow_config_change=allow_config_change,
-              title="selm demo" + (" (quick)" if quick else ""), jobs=jobs)
+              title="selm demo" + (" (quick)" if quick else ""), jobs=jobs, after_run=_analyse)
     return _finish(out)
 
 
 def run_sweep(out: Path, *, alphas: list[float], seeds: list[int] | None = None, quick: bool = False,
               config: Path | None = None, overrides: list[str] = (), allow_config_change: bool = False,
-              jobs: int = 1) -> Path:
+              jobs: int | None = 1) -> Path:
     from selm.studies.study import Arm, run_study
 
     base = _base(config, quick, list(overrides))
     arms = [Arm(f"alpha_{a:g}", [f"train.alpha={a}"]) for a in alphas]
     run_study(base, out, arms, seeds or [0, 1], allow_config_change=allow_config_change, title="alpha sweep",
-              jobs=jobs)
+              jobs=jobs, after_run=_analyse)
     return _finish(out)
 
 
@@ -115,11 +122,12 @@ def load_study_spec(spec: Path | None = None, preset: str | None = None) -> tupl
 
 
 def run_study_file(out: Path, *, spec: Path | None = None, preset: str | None = None, seeds: list[int] | None = None,
-                   overrides: list[str] = (), jobs: int = 1, allow_config_change: bool = False) -> Path:
+                   overrides: list[str] = (), jobs: int | None = 1, allow_config_change: bool = False) -> Path:
     """`selm study`: the study described by a study file (or a packaged preset), then its report."""
     from selm.studies.study import run_study
 
     base, arms, spec_seeds, title = load_study_spec(spec, preset)
     base = apply_overrides(base, list(overrides))
-    run_study(base, out, arms, seeds or spec_seeds, allow_config_change=allow_config_change, title=title, jobs=jobs)
+    run_study(base, out, arms, seeds or spec_seeds, allow_config_change=allow_config_change, title=title, jobs=jobs,
+              after_run=_analyse)
     return _finish(out)

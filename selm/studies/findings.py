@@ -159,7 +159,7 @@ def findings(out: Path, data: dict) -> dict | None:
             "4_implicit_rewards_higher": f4, "extras": extras}
 
 
-def _ci(s: dict, pct: bool = False) -> str:
+def _ci(s: dict, pct: bool = False, rate: bool = False) -> str:
     """"value [lo, hi]" with the interval that decides (the seeds' t-interval; "one seed" without one).
     A report saved before the t-interval rule has only the bootstrap "ci95", which it shows."""
     if s.get("value") is None and s.get("mean") is None:
@@ -169,6 +169,8 @@ def _ci(s: dict, pct: bool = False) -> str:
     lo, hi = s["seed_ci95"] if "seed_ci95" in s else s["ci95"]
     if lo is None:
         return f"{v * k:.3g}{unit} [one seed: no interval]"
+    if rate:  # a rate lies in [0, 100%]: shown within it, as the headline does (verdicts read it unclipped)
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
     return f"{v * k:.3g}{unit} [{lo * k:.3g}, {hi * k:.3g}]"
 
 
@@ -180,7 +182,7 @@ def findings_lines(f: dict | None) -> list[str]:
                                          "4_implicit_rewards_higher", "extras"))
     rows = [
         ("1. SELM beats iterative DPO (head to head; SELM vs start)",
-         f"{_ci(f1['head_to_head'], True)}; {_ci(f1['selm_vs_start'], True)}", f1["verdict"]),
+         f"{_ci(f1['head_to_head'], True, rate=True)}; {_ci(f1['selm_vs_start'], True, rate=True)}", f1["verdict"]),
         ("2. Larger alpha concentrates rewards (SELM - DPO: high-gold share; gold SD)",
          f"{_ci(f2['high_share_diff'], True)}; {_ci(f2['sd_diff'])}", f2["verdict"]),
         ("3. Rewards shift up across iterations (SELM gold, last - first iteration)",
@@ -202,7 +204,7 @@ def findings_lines(f: dict | None) -> list[str]:
     lines += ["", "Not in the paper: length drift (evaluation answer length, last iteration minus the start, tokens), "
               "answers cut off at the last iteration, and seed-to-seed variation of the head-to-head win rate.", "",
               "| arm | length drift | cut off |", "|---|---|---|"]
-    lines += [f"| {a} | {_ci(ex['length_drift'][a])} | {_ci(ex['cut_off'][a], True)} |" for a in ex["length_drift"]]
+    lines += [f"| {a} | {_ci(ex['length_drift'][a])} | {_ci(ex['cut_off'][a], True, rate=True)} |" for a in ex["length_drift"]]
     per_seed = ", ".join(f"{x * 100:.1f}%" for x in ex["per_seed_head_to_head"])
     lines += ["", f"Head-to-head win rate per seed: {per_seed or 'n/a'}"
               + (f" (SD {ex['seed_sd_head_to_head'] * 100:.1f} points)." if ex["seed_sd_head_to_head"] is not None else "."), ""]

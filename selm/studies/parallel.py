@@ -32,12 +32,54 @@ from selm.layout import stage_dir
 
 POLL_S = 2.0
 PARENT_POLL_S = 1.0
+# Memory one run may take at its peak, for --jobs auto: a demo run (SmolLM2-135M in fp32, AdamW
+# states, a training step's activations) peaked at 5.3 GB.
+RUN_MEMORY_BYTES = 6 * 2**30
 
 
-def done_stages(runs: list[tuple[Path, int]]) -> int:
-    """Finished stages over the study's runs ((run folder, iterations) each), for the progress bar."""
+def _cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a Slurm allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def auto_jobs(runs: int) -> tuple[int, str]:
+    """--jobs auto: (runs at once, why). One run per CPU core (each stage runs at its own thread
+    count, one by default), no more than the study has runs or memory holds at RUN_MEMORY_BYTES a
+    run; one on a machine with a CUDA GPU, where each run uses the GPUs itself."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1, "a CUDA GPU: each run uses it"
+    cores, mem = _cpu_cores(), _available_memory()
+    by_memory = max(1, mem // RUN_MEMORY_BYTES) if mem is not None else cores
+    jobs = max(1, min(cores, runs, by_memory))
+    why = f"{cores} CPU core{'s' * (cores != 1)}, {runs} run{'s' * (runs != 1)}"
+    if mem is not None:
+        why += f", {mem / 2**30:.0f} GiB available at {RUN_MEMORY_BYTES // 2**30} GiB a run"
+    return jobs, why
+
+
+def done_stages(runs: list[tuple[Path, int]], analysis: bool = False) -> int:
+    """Finished stages over the study's runs ((run folder, iterations) each), for the progress bar;
+    with `analysis`, each run's analysis (its RUN/analysis done-marker) counts as one more."""
     n = 0
     for run, T in runs:
+        n += analysis and is_done(run / "analysis")
         n += is_done(run / "iter_0" / "evaluate")
         n += sum(is_done(stage_dir(run, t, s)) for t in range(1, T + 1)
                  for s in ("generate", "rank", "pair", "train", "evaluate"))

@@ -57,14 +57,22 @@ def _training_only(overrides: list[str]) -> bool:
 
 
 def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow_config_change: bool = False,
-              title: str = "study", jobs: int = 1) -> Path:
+              title: str = "study", jobs: int | None = 1, after_run=None) -> Path:
     """Run every arm x seed (resuming what is done). `jobs` > 1 runs that many arm-seed runs at once,
-    one process each (studies/parallel.py); results are the same as with one job."""
+    one process each (studies/parallel.py); None chooses from the CPU cores and memory
+    (parallel.auto_jobs). Results are the same for any number of jobs. `after_run(out, arm, seed)`,
+    a module-level function, runs in each run's process once its loop has finished (the report's
+    per-run analysis)."""
     from tqdm.auto import tqdm
 
     from selm.loop import preflight, stage_count
 
     out = Path(out)
+    if jobs is None:
+        from selm.studies.parallel import auto_jobs
+
+        jobs, why = auto_jobs(len(arms) * len(seeds))
+        print(f"selm: {jobs} run{'s' * (jobs != 1)} at a time (--jobs auto: {why})", flush=True)
     if jobs < 1:
         raise ConfigError("--jobs: must be >= 1")
     cfgs = {(a.name, s): arm_config(base, a, s) for a in arms for s in seeds}  # validate all before running
@@ -79,7 +87,8 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
         raise ConfigError(f"{spec_path}: this study was started with different arms, seeds or config; "
                           "pass --continue-with-new-config to go on with the new one")
     atomic_write_json(spec_path, spec)
-    total = sum(stage_count(c) for c in cfgs.values())
+    # Each run's analysis (after_run) is one more step of the bar: it takes a while on real models.
+    total = sum(stage_count(c) for c in cfgs.values()) + (len(cfgs) if after_run is not None else 0)
     bar = tqdm(total=total, desc=title, unit="stage", position=0)
     try:  # closed before a stop or an error is printed, so the message gets a line of its own
         if jobs > 1 and len(arms) * len(seeds) > 1:
@@ -88,19 +97,22 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
             runs = [(study_run(out, a.name, s), cfgs[(a.name, s)].loop.iterations) for a in arms for s in seeds]
 
             def progress():
-                bar.n = done_stages(runs)
-                bar.refresh()
+                n = done_stages(runs, analysis=after_run is not None)
+                if n != bar.n:  # a refresh writes a whole line when stderr is not a terminal
+                    bar.n = n
+                    bar.refresh()
 
             # First arms first: the other arms of a seed wait for its shared stages (see _run_arm).
             order = [(i, s) for i in range(len(arms)) for s in seeds]
-            run_tasks(_run_arm, [(base, out, arms, i, s, allow_config_change, None, None, True) for i, s in order],
+            run_tasks(_run_arm, [(base, out, arms, i, s, allow_config_change, None, None, True, after_run)
+                                 for i, s in order],
                       [out / "logs" / f"{arms[i].name}_seed_{s}.log" for i, s in order], jobs, progress=progress)
             progress()
         else:
             first_run: Path | None = None
             for s in seeds:
                 for i in range(len(arms)):
-                    _run_arm(base, out, arms, i, s, allow_config_change, first_run, bar)
+                    _run_arm(base, out, arms, i, s, allow_config_change, first_run, bar, after_run=after_run)
                 first_run = first_run or study_run(out, arms[0].name, s)
     finally:
         bar.close()
@@ -108,7 +120,7 @@ def run_study(base: dict, out: Path, arms: list[Arm], seeds: list[int], *, allow
 
 
 def _run_arm(base: dict, out: Path, arms: list[Arm], i: int, s: int, allow_config_change: bool,
-             first_run: Path | None, bar=None, wait: bool = False) -> None:
+             first_run: Path | None, bar=None, wait: bool = False, after_run=None) -> None:
     """Arm i of seed s. Arms after the first copy the first arm's shareable stages (with `wait`, they
     wait for them: another process is computing them), and the start model's evaluation is copied
     from `first_run` (another seed's run; else this seed's first arm) where it is the same computation."""
@@ -137,6 +149,12 @@ def _run_arm(base: dict, out: Path, arms: list[Arm], i: int, s: int, allow_confi
     run_loop(cfg, run_dir, allow_config_change=allow_config_change, on_stage=tick)
     if bar is not None:
         bar.update(1)
+    if after_run is not None:
+        if bar is not None:
+            bar.set_postfix_str(f"{arm.name} seed {s} analysis")
+        after_run(out, arm, s)
+        if bar is not None:
+            bar.update(1)
 
 
 def _share(src: Path, dst: Path) -> None:
