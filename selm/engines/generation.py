@@ -275,9 +275,13 @@ def packed_linears(model):
     they are made only when twice that is available, and are freed on exit; layers whose forward is
     already replaced (hooks, adapters) are left alone.
     """
-    dtypes = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
-              and m.weight.dtype in dtypes] if _can_pack(model) else []
+    layers = []
+    if _can_pack(model):
+        # Private oneDNN probes: looked up defensively, as other torch builds may lack them.
+        bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+        dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+        layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+                  and m.weight.dtype in dtypes]
     if layers:
         import psutil
 

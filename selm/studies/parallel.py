@@ -46,15 +46,13 @@ def _cpu_cores() -> int:
 
 
 def _available_memory() -> int | None:
-    """Bytes of memory available to new processes (Linux MemAvailable), None where unknown."""
+    """Bytes of memory available to new processes, None where unknown."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError, AttributeError):
+        return None
 
 
 def auto_jobs(runs: int) -> tuple[int, str]:
